@@ -1,0 +1,5 @@
+import sys
+
+from gptjax.train import main
+
+sys.exit(main())

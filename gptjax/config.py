@@ -1,0 +1,147 @@
+"""Training configuration: every field with its default and one-line help, presets, validation.
+
+This is the one place that knows the allowed values. `configs/*.py` start from `base_config()`
+and change only what their preset changes.
+"""
+import os
+
+import ml_collections
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS_DIR = os.path.join(PROJECT_ROOT, "configs")
+PRESETS = ("tiny", "small", "medium")
+HUB_DATASETS = {"wikitext": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
+TOKENIZERS = {"gpt2": "gpt2", "gpt4": "cl100k_base", "gpt4o": "o200k_base"}
+# The architecture: a resumed run takes these from its snapshot.
+ARCH_FIELDS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "tokenizer")
+TOKENIZER_VOCAB = {"gpt2": 50257, "gpt4": 100277, "gpt4o": 200019}  # n_vocab, for offline counts
+
+# name -> (default, help). Order is the order of --help.
+FIELDS = {
+    # data
+    "dataset": ("wikitext-103", "wikitext (WikiText-2 raw), wikitext-103 (raw), or a folder with "
+                "train.txt, valid.txt (or validation.txt), test.txt"),
+    "tokenizer": ("gpt2", "tiktoken encoding: gpt2 | gpt4 (cl100k_base) | gpt4o (o200k_base)"),
+    "max_samples": (0, "use only the first N training samples (lines); 0 = all"),
+    "data_cache_dir": ("", "where tokenized splits are cached; '' = $GPTJAX_CACHE or ~/.cache/gptjax"),
+    # model
+    "model_preset": ("", "tiny | small | medium, as --config configs/<preset>.py; '' = manual"),
+    "d_model": (256, "model (embedding) dimension"),
+    "num_heads": (4, "attention heads; must divide d_model"),
+    "num_layers": (4, "decoder blocks"),
+    "d_ff": (512, "width of the MLP in each block"),
+    "max_seq_len": (256, "context length in tokens"),
+    "dropout": (0.1, "dropout on embeddings, attention output and MLP output, in [0, 1)"),
+    "attention": ("auto", "attention kernel: auto (cuDNN flash on GPU, else XLA) | cudnn | xla"),
+    "compute_dtype": ("auto", "activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | "
+                      "bfloat16 | float32; parameters are always float32"),
+    "remat": (False, "recompute each block's activations in the backward pass (less memory)"),
+    # optimisation
+    "epochs": (20, "passes over the training tokens"),
+    "batch_size": (32, "sequences per optimizer step (global, over all devices)"),
+    "lr": (3e-4, "peak learning rate"),
+    "warmup_steps": (1000, "linear warmup from 0 to lr over this many steps"),
+    "weight_decay": (0.1, "AdamW decoupled weight decay, on tensors of 2+ dimensions only"),
+    "min_lr_ratio": (0.1, "cosine decay ends at lr * min_lr_ratio on the last step"),
+    "gradient_clip": (1.0, "clip gradients to this global L2 norm; 0 disables"),
+    "adam_b1": (0.9, "AdamW beta1"),
+    "adam_b2": (0.95, "AdamW beta2"),
+    "seed": (42, "seed of initialisation, data order and dropout"),
+    # evaluation and logging
+    "eval_batch_size": (0, "sequences per evaluation step; 0 = batch_size"),
+    "log_interval": (50, "steps between log lines and TensorBoard points"),
+    "output_dir": ("", "run directory; '' = result/lm_{dataset}"),
+    "sample_prompts": ("The meaning of life is|In 1885 ,|The game", "prompts ('|'-separated) sampled "
+                       "at each validation and written to the log and TensorBoard; '' disables"),
+    "sample_max_new_tokens": (40, "tokens generated per sample during training"),
+    # snapshots and resume
+    "snapshot_interval": (0, "save a snapshot every N steps (0: only at the end of each epoch)"),
+    "keep_last_n_snapshots": (3, "snapshots kept on disk (newest first)"),
+    "delete_snapshots_after_training": (True, "remove snapshots once the final model is written"),
+    "resume": (False, "resume from the newest complete snapshot of the run directory"),
+    "checkpoint_file": ("", "resume from this snapshot directory"),
+    "yes": (False, "do not ask before loading a snapshot"),
+    # monitoring
+    "gradient_monitor": (False, "per-layer gradient norms, global norm before/after clipping"),
+    "gradient_monitor_interval": (100, "steps between gradient-monitor reports"),
+    "grad_vanish_threshold": (1e-7, "flag a layer whose gradient norm falls below this"),
+    "grad_explode_threshold": (100.0, "flag a layer whose gradient norm rises above this"),
+    "weight_monitor": (True, "per-layer weight norm, update norm, update/weight ratio, sampled stats"),
+    "weight_monitor_interval": (100, "steps between weight-monitor reports"),
+    "weight_monitor_sample_size": (1024, "entries per tensor sampled (fixed for the run) for stats"),
+    "sanity_check_interval": (100, "steps between reports of non-finite counts; 0 disables the "
+                              "reports (a non-finite update is never applied)"),
+    # early stopping
+    "early_stopping": (False, "stop when validation loss stops improving"),
+    "early_stop_patience": (5, "epochs without an improvement of min_delta before stopping"),
+    "early_stop_min_delta": (0.001, "smallest validation-loss decrease that counts"),
+    "early_stop_restore_best": (True, "the final model holds the best epoch's weights"),
+    "early_stop_overfit_patience": (0, "stop when val-train gap grows this many epochs in a row; "
+                                    "0 disables"),
+    "early_stop_overfit_min_delta": (0.01, "smallest gap growth that counts"),
+    # devices
+    "mesh_data": (-1, "devices on the data-parallel mesh axis; -1 fills the rest"),
+    "mesh_fsdp": (1, "devices on the fully-sharded mesh axis; -1 fills the rest"),
+}
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the CLI prints it as one line and exits with code 2."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({k: v for k, (v, _) in FIELDS.items()})
+
+
+def preset_path(name: str) -> str:
+  if name not in PRESETS:
+    raise ConfigError(f"model_preset: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+  return os.path.join(CONFIGS_DIR, f"{name}.py")
+
+
+def dataset_name(dataset: str) -> str:
+  """The name used in `result/lm_{name}`: the hub name, or a local folder's base name."""
+  if dataset in HUB_DATASETS:
+    return dataset
+  return os.path.basename(os.path.normpath(dataset))
+
+
+def output_dir(config) -> str:
+  return config.output_dir or os.path.join("result", f"lm_{dataset_name(config.dataset)}")
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad field, its value and what is allowed."""
+  def need(ok, field, allowed):
+    if not ok:
+      raise ConfigError(f"{field}: {getattr(config, field)!r} is not allowed; {allowed}")
+
+  need(config.dataset in HUB_DATASETS or os.path.isdir(config.dataset), "dataset",
+       "use wikitext, wikitext-103, or an existing folder holding train.txt/valid.txt/test.txt")
+  if config.dataset not in HUB_DATASETS:
+    need(os.path.isfile(os.path.join(config.dataset, "train.txt")), "dataset",
+         "the folder must hold train.txt (and valid.txt or validation.txt, test.txt)")
+  need(config.tokenizer in TOKENIZERS, "tokenizer", f"allowed: {', '.join(TOKENIZERS)}")
+  need(config.model_preset in ("",) + PRESETS, "model_preset", f"allowed: {', '.join(PRESETS)}")
+  for field in ("epochs", "batch_size", "d_model", "num_heads", "num_layers", "d_ff",
+                "max_seq_len", "keep_last_n_snapshots", "log_interval",
+                "gradient_monitor_interval", "weight_monitor_interval",
+                "weight_monitor_sample_size", "early_stop_patience"):
+    need(getattr(config, field) > 0, field, "must be a positive integer")
+  for field in ("max_samples", "snapshot_interval", "sanity_check_interval", "warmup_steps",
+                "eval_batch_size", "early_stop_overfit_patience", "sample_max_new_tokens"):
+    need(getattr(config, field) >= 0, field, "must be 0 or a positive integer")
+  need(config.d_model % config.num_heads == 0, "d_model",
+       f"must be divisible by num_heads ({config.num_heads})")
+  need(0.0 <= config.dropout < 1.0, "dropout", "must be in [0, 1)")
+  need(config.lr >= 0, "lr", "must be >= 0")
+  need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+  need(0.0 <= config.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+  need(config.gradient_clip >= 0, "gradient_clip", "must be >= 0 (0 disables clipping)")
+  need(config.attention in ("auto", "cudnn", "xla"), "attention", "allowed: auto, cudnn, xla")
+  need(config.compute_dtype in ("auto", "bfloat16", "float32"), "compute_dtype",
+       "allowed: auto, bfloat16, float32")
+  need(config.mesh_data == -1 or config.mesh_data > 0, "mesh_data", "must be -1 or positive")
+  need(config.mesh_fsdp == -1 or config.mesh_fsdp > 0, "mesh_fsdp", "must be -1 or positive")
+  if config.checkpoint_file:
+    need(os.path.exists(config.checkpoint_file), "checkpoint_file", "the path does not exist")

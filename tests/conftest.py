@@ -1,0 +1,45 @@
+"""Shared fixtures: a small real-text corpus cut from ../shared/data/wikitext-2-local and a
+shrunken config that trains on it in seconds on the CPU."""
+import os
+
+import pytest
+
+from gptjax.config import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2-local")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR",
+                      os.path.join(os.path.dirname(REPO), "shared", "data", "tiktoken_cache"))
+
+
+def _head(src, dst, n_lines):
+  with open(src) as f:
+    lines = f.readlines()[:n_lines]
+  with open(dst, "w") as f:
+    f.writelines(lines)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """A local dataset folder: ~25K training tokens, ~2-5K validation and test tokens."""
+  folder = tmp_path_factory.mktemp("corpus") / "wt2small"
+  folder.mkdir()
+  _head(os.path.join(WIKITEXT, "train.txt"), folder / "train.txt", 520)
+  _head(os.path.join(WIKITEXT, "valid.txt"), folder / "valid.txt", 50)
+  _head(os.path.join(WIKITEXT, "test.txt"), folder / "test.txt", 50)
+  return str(folder)
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("token_cache"))
+
+
+@pytest.fixture
+def tiny_config(corpus, token_cache, tmp_path):
+  config = base_config()
+  config.update(dataset=corpus, data_cache_dir=token_cache, output_dir=str(tmp_path / "run"),
+                d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_len=32, batch_size=8,
+                epochs=2, lr=3e-3, warmup_steps=10, log_interval=25, dropout=0.1,
+                sample_prompts="", weight_monitor_interval=25, sanity_check_interval=25)
+  return config

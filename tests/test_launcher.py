@@ -1,0 +1,430 @@
+"""Tests of run/run_train_lm.sh, the nohup launcher of `python -m gptjax.train`.
+
+Most tests run a copy of the launcher inside a throw-away project root (tmp_path/proj) with
+$PYTHON pointing at a stub that records how it was called, so they check the exact mapping
+onto the Python CLI, the output/log paths and the background launch in well under a second
+each, without the real trainer and without writing into the repository. The tests marked
+`needs_trainer` use the real `gptjax.train` and are skipped until gptjax/train.py exists.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "run", "run_train_lm.sh")
+TRAINER = os.path.join(REPO, "gptjax", "train.py")
+LOCAL_DATASET = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-local"))
+REAL_RUN_TIMEOUT_S = float(os.environ.get("GPTJAX_LAUNCHER_TEST_TIMEOUT", "120"))
+
+OPTIONS = {  # wrapper option -> default shown by --help
+    "--preset": None,
+    "--dataset": "wikitext-103",
+    "--epochs": "20",
+    "--batch_size": "32",
+    "--lr": "3e-4",
+    "--warmup": "0",
+    "--snapshot": "10000",
+    "--monitor_interval": "10000",
+    "--sanity_check_interval": "10000",
+    "--help": None,
+}
+LOG_NAME_RE = re.compile(r"^train_\d{4}[A-Z]{3}\d{2}_\d{6}_GMT\+00\.log$")
+
+needs_trainer = pytest.mark.skipif(not os.path.isfile(TRAINER),
+                                   reason="gptjax/train.py (the Python trainer) does not exist yet")
+
+# Stands in for the Python interpreter: `stub -m gptjax.train ARGS...`. It appends one JSON
+# line per call to $FAKE_RECORD; with --check_only it fails when $FAKE_CHECK_RC is set.
+STUB = r'''
+import json, os, sys, time
+args = sys.argv[1:]
+rec = {"args": args, "cwd": os.getcwd(), "pid": os.getpid(),
+       "check_only": "--check_only" in args,
+       "env": {k: os.environ.get(k) for k in ("PYTHONPATH", "TIKTOKEN_CACHE_DIR")}}
+with open(os.environ["FAKE_RECORD"], "a") as f:
+  f.write(json.dumps(rec) + "\n")
+if rec["check_only"]:
+  rc = int(os.environ.get("FAKE_CHECK_RC", "0"))
+  if rc:
+    print("usage: train.py [-h] ...", file=sys.stderr)
+    print("some warning on stdout")
+    print("model_preset: 'x' is not allowed; allowed: tiny, small, medium", file=sys.stderr)
+  sys.exit(rc)
+print("step 1 | loss 10.0")
+print("warning on stderr", file=sys.stderr)
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+print("Final model saved to somewhere")
+'''
+
+
+def _clean_env(**extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("PYTHON", "TIKTOKEN_CACHE_DIR", "FAKE_RECORD", "FAKE_CHECK_RC", "FAKE_SLEEP")}
+  env.update(extra)
+  return env
+
+
+def _run(launcher, args, cwd, env, timeout=60):
+  return subprocess.run([launcher, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _ended(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:
+    return False
+  try:  # a zombie nobody reaps yet counts as ended
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+  except OSError:
+    return True
+
+
+def _wait_pid(pid, timeout):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if _ended(pid):
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def _printed(stdout, label):
+  m = re.search(rf"^\s*{label}:\s+(.+?)\s*$", stdout, re.M)
+  assert m, f"no '{label}:' line in launcher output:\n{stdout}"
+  return m.group(1)
+
+
+class FakeProject:
+  """tmp_path/proj holding a copy of run/run_train_lm.sh; tmp_path/shared/data/tiktoken_cache."""
+
+  def __init__(self, tmp_path):
+    self.tmp = tmp_path
+    self.root = tmp_path / "proj"
+    (self.root / "run").mkdir(parents=True)
+    self.launcher = str(self.root / "run" / "run_train_lm.sh")
+    shutil.copy2(LAUNCHER, self.launcher)
+    self.tiktoken = tmp_path / "shared" / "data" / "tiktoken_cache"
+    self.tiktoken.mkdir(parents=True)
+    self.stub = tmp_path / "bin" / "fakepython"
+    self.stub.parent.mkdir()
+    self.stub.write_text(f"#!{sys.executable}\n{STUB}")
+    self.stub.chmod(self.stub.stat().st_mode | stat.S_IXUSR)
+    self.record = tmp_path / "calls.jsonl"
+    self.elsewhere = tmp_path / "elsewhere"
+    self.elsewhere.mkdir()
+
+  def env(self, **extra):
+    base = {"PYTHON": str(self.stub), "FAKE_RECORD": str(self.record)}
+    base.update(extra)
+    return _clean_env(**base)
+
+  def run(self, args, cwd=None, **extra_env):
+    return _run(self.launcher, args, str(cwd or self.elsewhere), self.env(**extra_env))
+
+  def calls(self):
+    if not self.record.exists():
+      return []
+    return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+  def launched(self, args, cwd=None, **extra_env):
+    """Runs the launcher, waits for the background stub; returns (stdout, check, train, log)."""
+    r = self.run(args, cwd=cwd, **extra_env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    pid = int(_printed(r.stdout, "PID"))
+    assert _wait_pid(pid, 30)
+    calls = self.calls()
+    assert [c["check_only"] for c in calls] == [True, False], calls
+    check, train = calls
+    assert train["pid"] == pid
+    assert check["args"] == train["args"] + ["--check_only"]
+    return r.stdout, check, train, _printed(r.stdout, "Log")
+
+  def result_files(self):
+    """Everything under proj/result (the default output root); [] when it does not exist."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(self.root / "result"):
+      found += [os.path.join(dirpath, n) for n in dirnames + filenames]
+    return [str(self.root / "result")] + sorted(found) if (self.root / "result").exists() else []
+
+
+@pytest.fixture
+def proj(tmp_path):
+  return FakeProject(tmp_path)
+
+
+def _expected_args(output_dir, log_file, preset=None, dataset="wikitext-103", epochs="20",
+                   batch_size="32", lr="3e-4", warmup="0", snapshot="10000", monitor="10000",
+                   sanity="10000", passthrough=()):
+  args = ["-m", "gptjax.train"]
+  if preset:
+    args += ["--model_preset", preset]
+  args += ["--dataset", dataset, "--epochs", epochs, "--batch_size", batch_size, "--lr", lr,
+           "--warmup_steps", warmup, "--snapshot_interval", snapshot,
+           "--gradient_monitor", "--gradient_monitor_interval", monitor,
+           "--weight_monitor", "--weight_monitor_interval", monitor,
+           "--sanity_check_interval", sanity, *passthrough,
+           "--output_dir", output_dir, "--log_file", log_file]
+  return args
+
+
+# ------------------------------------------------------------------------------------ help
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_option_with_default(flag, tmp_path):
+  r = _run(LAUNCHER, [flag], str(tmp_path), _clean_env())
+  assert r.returncode == 0, r.stderr
+  assert os.access(LAUNCHER, os.X_OK)
+  out = r.stdout
+  assert "Usage" in out and "-h, --help" in out
+  for option, default in OPTIONS.items():
+    lines = [l for l in out.splitlines() if re.match(rf"^\s+(-h, )?{re.escape(option)}\b", l)]
+    assert lines, f"{option} not listed in --help"
+    if default is not None:
+      # the default is on the option's line or its continuation line
+      i = out.splitlines().index(lines[0])
+      assert f"(default: {default})" in " ".join(out.splitlines()[i:i + 2]), option
+  assert "--" in out and "gptjax.train" in out
+  assert not (tmp_path / "result").exists()
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+BAD_INPUTS = [
+    ["--epochs", "abc"],
+    ["--epochs", "0"],
+    ["--epochs", "-3"],
+    ["--epochs", "2.5"],
+    ["--epochs"],
+    ["--preset", "huge"],
+    ["--preset=huge"],
+    ["--batch_size", "0"],
+    ["--batch_size", "x"],
+    ["--lr", "fast"],
+    ["--lr", "-1e-3"],
+    ["--warmup", "-1"],
+    ["--warmup", "1.5"],
+    ["--snapshot", "often"],
+    ["--monitor_interval", "0"],
+    ["--sanity_check_interval", "-1"],
+    ["--dataset", ""],
+    ["--bogus"],
+    ["--max_samples", "100"],  # a trainer flag before `--`
+    ["stray"],
+    ["--preset", "tiny", "--epochs", "abc", "--", "--max_samples", "10"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS, ids=lambda a: " ".join(a) or "empty")
+def test_bad_input_exits_2_and_starts_nothing(proj, args):
+  r = proj.run(args)
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert r.stdout == ""
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert proj.calls() == []  # python never ran, not even --check_only
+  assert proj.result_files() == []
+
+
+@pytest.mark.parametrize("args", [["--epochs", "abc"], ["--preset", "huge"], ["--bogus"]])
+def test_bad_input_real_launcher_writes_no_log(tmp_path, args):
+  before = set(glob.glob(os.path.join(REPO, "result", "**", "*.log"), recursive=True))
+  r = _run(LAUNCHER, args, str(tmp_path), _clean_env(PYTHON="/nonexistent/python"))
+  assert r.returncode == 2, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  assert set(glob.glob(os.path.join(REPO, "result", "**", "*.log"), recursive=True)) == before
+
+
+def test_check_only_rejection_is_reported_as_one_line_exit_2(proj):
+  r = proj.run(["--preset", "tiny", "--", "--output_dir", str(proj.tmp / "out")],
+               FAKE_CHECK_RC="2")
+  assert r.returncode == 2
+  assert r.stdout == ""
+  assert r.stderr.strip().splitlines() == [
+      "run_train_lm.sh: error: model_preset: 'x' is not allowed; allowed: tiny, small, medium"]
+  assert [c["check_only"] for c in proj.calls()] == [True]  # nothing launched
+  assert not (proj.tmp / "out").exists()
+  assert proj.result_files() == []
+
+
+def test_check_only_crash_exits_1_and_starts_nothing(proj):
+  r = proj.run([], FAKE_CHECK_RC="1")
+  assert r.returncode == 1
+  assert len(r.stderr.strip().splitlines()) == 1
+  assert [c["check_only"] for c in proj.calls()] == [True]
+  assert proj.result_files() == []
+
+
+def test_missing_python_exits_1(proj):
+  env = proj.env(PYTHON=str(proj.tmp / "no-such-python"))
+  r = _run(proj.launcher, [], str(proj.elsewhere), env)
+  assert r.returncode == 1
+  assert len(r.stderr.strip().splitlines()) == 1
+  assert proj.result_files() == []
+
+
+# ------------------------------------------------------------------------- CLI mapping
+
+
+def test_defaults_map_onto_python_cli(proj):
+  stdout, check, train, log = proj.launched([])
+  out_rel = "result/lm_wikitext-103"
+  log_rel = os.path.relpath(log, proj.root)
+  assert log_rel.startswith(out_rel + "/logs/")
+  assert LOG_NAME_RE.match(os.path.basename(log)), log
+  assert train["args"] == _expected_args(out_rel, log_rel)
+
+
+def test_all_options_and_passthrough(proj):
+  stdout, check, train, log = proj.launched(
+      ["--preset", "small", "--dataset=wikitext", "--epochs", "3", "--batch_size=8",
+       "--lr", "6e-4", "--warmup", "4000", "--snapshot", "0", "--monitor_interval", "500",
+       "--sanity_check_interval=0", "--", "--max_samples", "100", "--d_model", "64",
+       "--early_stopping"])
+  log_rel = os.path.relpath(log, proj.root)
+  assert log_rel.startswith("result/lm_wikitext/logs/train_")
+  assert train["args"] == _expected_args(
+      "result/lm_wikitext", log_rel, preset="small", dataset="wikitext", epochs="3",
+      batch_size="8", lr="6e-4", warmup="4000", snapshot="0", monitor="500", sanity="0",
+      passthrough=["--max_samples", "100", "--d_model", "64", "--early_stopping"])
+
+
+def test_dataset_folder_names_output_dir_and_is_resolved_from_caller_cwd(proj):
+  data = proj.elsewhere / "corpora" / "mycorpus"
+  data.mkdir(parents=True)
+  (data / "train.txt").write_text("hello\n")
+  _, _, train, log = proj.launched(["--dataset", "corpora/mycorpus/"], cwd=proj.elsewhere)
+  args = train["args"]
+  assert os.path.samefile(args[args.index("--dataset") + 1], data)
+  assert args[args.index("--output_dir") + 1] == "result/lm_mycorpus"
+  assert log.startswith(str(proj.root / "result" / "lm_mycorpus" / "logs" / "train_"))
+
+
+def test_output_dir_after_double_dash_is_used(proj):
+  out = proj.tmp / "my run"
+  stdout, _, train, log = proj.launched(["--dataset", "wikitext", "--", "--output_dir", str(out)])
+  assert os.path.dirname(log) == str(out / "logs")
+  assert LOG_NAME_RE.match(os.path.basename(log))
+  assert os.path.isfile(log)
+  args = train["args"]
+  assert args[-4:] == ["--output_dir", str(out), "--log_file", log]
+  assert proj.result_files() == []  # nothing under the default result/
+  assert f"tensorboard --logdir {str(out / 'tensorboard').replace(' ', chr(92) + ' ')}" in stdout
+
+
+def test_relative_output_dir_is_taken_from_caller_cwd(proj):
+  _, _, train, log = proj.launched(["--", "--output_dir", "rel/out"], cwd=proj.elsewhere)
+  assert log.startswith(str(proj.elsewhere / "rel" / "out" / "logs" / "train_"))
+  assert os.path.isfile(log)
+
+
+# ------------------------------------------------------------- environment and launching
+
+
+def test_runs_from_any_cwd_and_prints_how_to_follow(proj):
+  stdout, check, train, log = proj.launched(["--preset", "tiny"], cwd=proj.elsewhere)
+  for call in (check, train):
+    assert call["cwd"] == str(proj.root)
+    assert call["env"]["PYTHONPATH"].split(":")[0] == str(proj.root)
+    assert call["env"]["TIKTOKEN_CACHE_DIR"] == str(proj.tiktoken)
+  pid = _printed(stdout, "PID")
+  out_dir = proj.root / "result" / "lm_wikitext-103"
+  assert log.startswith(str(out_dir / "logs") + "/")
+  assert f"tail -f {log}" in stdout
+  assert f"ps -p {pid}" in stdout
+  assert f"kill {pid}" in stdout
+  assert f"tensorboard --logdir {out_dir}/tensorboard" in stdout
+  # stdout and stderr of the background process both went to the log, after a header
+  text = open(log).read()
+  assert "step 1 | loss 10.0" in text
+  assert "warning on stderr" in text
+  assert "Final model saved to" in text
+  assert sorted(os.listdir(out_dir / "logs")) == [os.path.basename(log)]
+
+
+def test_existing_tiktoken_cache_dir_is_kept(proj):
+  _, check, train, _ = proj.launched([], TIKTOKEN_CACHE_DIR="/my/cache")
+  assert train["env"]["TIKTOKEN_CACHE_DIR"] == "/my/cache"
+
+
+def test_project_venv_python_is_preferred(proj):
+  venv_python = proj.root / ".venv" / "bin" / "python"
+  venv_python.parent.mkdir(parents=True)
+  shutil.copy2(proj.stub, venv_python)
+  env = proj.env()
+  del env["PYTHON"]
+  r = _run(proj.launcher, [], str(proj.elsewhere), env)
+  assert r.returncode == 0, r.stderr
+  assert _wait_pid(int(_printed(r.stdout, "PID")), 30)
+  assert [c["check_only"] for c in proj.calls()] == [True, False]
+  assert _printed(r.stdout, "Command").startswith(str(venv_python) + " -m gptjax.train")
+
+
+def test_two_launches_in_one_second_get_two_logs(proj):
+  out = proj.tmp / "out"
+  logs = []
+  for _ in range(2):
+    r = proj.run(["--", "--output_dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert _wait_pid(int(_printed(r.stdout, "PID")), 30)
+    logs.append(_printed(r.stdout, "Log"))
+  assert logs[0] != logs[1]
+  assert all(os.path.isfile(l) for l in logs)
+
+
+# ----------------------------------------------------------------- with the real trainer
+
+
+@needs_trainer
+@pytest.mark.parametrize("args", [
+    ["--dataset", "/nonexistent/corpus"],
+    ["--preset", "tiny", "--", "--d_model", "30", "--num_heads", "4"],
+    ["--", "--no_such_flag"],
+])
+def test_real_check_only_rejects_before_launch(tmp_path, args):
+  out = tmp_path / "out"
+  r = _run(LAUNCHER, args + ([] if "--" in args else ["--"]) + ["--output_dir", str(out)],
+           str(tmp_path), _clean_env(PYTHON=sys.executable), timeout=120)
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert not out.exists()
+
+
+@needs_trainer
+@pytest.mark.skipif(not os.path.isdir(LOCAL_DATASET), reason=f"{LOCAL_DATASET} is missing")
+def test_real_short_background_run(tmp_path):
+  out = tmp_path / "out"
+  dataset = os.path.relpath(LOCAL_DATASET, REPO)  # ../shared/data/wikitext-2-local
+  r = _run(LAUNCHER,
+           ["--preset", "tiny", "--dataset", dataset, "--epochs", "1", "--",
+            "--max_samples", "200", "--d_model", "32", "--num_heads", "2", "--num_layers", "1",
+            "--d_ff", "64", "--max_seq_len", "32", "--batch_size", "4",
+            "--output_dir", str(out)],
+           REPO, _clean_env(PYTHON=sys.executable), timeout=120)
+  assert r.returncode == 0, r.stderr
+  pid = int(_printed(r.stdout, "PID"))
+  log = _printed(r.stdout, "Log")
+  try:
+    finished = _wait_pid(pid, REAL_RUN_TIMEOUT_S)
+  finally:
+    if not _ended(pid):
+      os.kill(pid, signal.SIGTERM)
+  text = open(log).read() if os.path.isfile(log) else "<no log>"
+  assert finished, f"training did not end within {REAL_RUN_TIMEOUT_S:.0f}s; log:\n{text[-3000:]}"
+  assert os.path.dirname(log) == str(out / "logs")
+  assert LOG_NAME_RE.match(os.path.basename(log))
+  assert "Final model" in text, text[-3000:]
+  assert os.listdir(out / "logs") == [os.path.basename(log)]  # one log, not two

@@ -1,0 +1,81 @@
+"""The GPT: shapes, causality, parameter counts of the presets."""
+import dataclasses
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.config import CONFIGS_DIR, TOKENIZER_VOCAB
+from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
+
+SMALL = ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+                    max_seq_len=16, dropout=0.0)
+
+
+def _preset(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS_DIR, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_output_shape_and_dtype():
+  model = GPT(SMALL)
+  tokens = jnp.zeros((3, 16), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  logits = model.apply(params, tokens)
+  assert logits.shape == (3, 16, 256)
+  assert logits.dtype == jnp.float32
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = GPT(dataclasses.replace(SMALL, dtype=jnp.bfloat16))
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  assert model.apply(params, tokens).dtype == jnp.float32
+
+
+def test_causal_no_gradient_from_future_tokens():
+  """The loss at position t has zero gradient w.r.t. the embeddings of tokens after t."""
+  model = GPT(SMALL)
+  tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 256)
+  params = model.init(jax.random.key(0), tokens)
+  t = 6
+
+  # Perturbing tokens after t never changes the logits at positions <= t.
+  logits = model.apply(params, tokens)
+  changed = tokens.at[0, t + 1:].set((tokens[0, t + 1:] + 7) % 256)
+  logits2 = model.apply(params, changed)
+  np.testing.assert_array_equal(np.asarray(logits[0, :t + 1]), np.asarray(logits2[0, :t + 1]))
+  assert not np.allclose(logits[0, t + 1:], logits2[0, t + 1:])
+
+  # And through gradients: d loss_t / d (position embedding of s) is zero for s > t.
+  def loss_t(p):
+    out = model.apply(p, tokens)
+    return jax.nn.log_softmax(out[0, t])[tokens[0, t]]
+  g = jax.grad(loss_t)(params)["params"]["wpe"]["embedding"]
+  assert np.all(np.asarray(g[t + 1:]) == 0)
+  assert np.any(np.asarray(g[:t + 1]) != 0)
+
+
+@pytest.mark.parametrize("preset,low,high", [("tiny", 15e6, 17e6), ("small", 44e6, 50e6),
+                                             ("medium", 117e6, 125e6)])
+def test_preset_parameter_counts(preset, low, high):
+  c = _preset(preset)
+  n = count_params(ModelConfig(vocab_size=padded_vocab_size(TOKENIZER_VOCAB[c.tokenizer]),
+                               d_model=c.d_model, num_heads=c.num_heads,
+                               num_layers=c.num_layers, d_ff=c.d_ff, max_seq_len=c.max_seq_len))
+  assert low <= n <= high
+
+
+def test_presets_match_the_guide():
+  table = {"tiny": (256, 4, 4, 1024, 256, "wikitext"),
+           "small": (512, 8, 6, 2048, 512, "wikitext-103"),
+           "medium": (768, 12, 12, 3072, 1024, "wikitext-103")}
+  for name, want in table.items():
+    c = _preset(name)
+    assert (c.d_model, c.num_heads, c.num_layers, c.d_ff, c.max_seq_len, c.dataset) == want
