@@ -25,6 +25,7 @@ class Snapshots:
 
   def __init__(self, directory: str, keep: int, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    # cleanup_tmp_directories: what a killed process left half written goes at the next start.
     options = ocp.CheckpointManagerOptions(
         step_prefix=SNAPSHOT_PREFIX, enable_async_checkpointing=True, read_only=read_only,
         create=not read_only, cleanup_tmp_directories=not read_only,
@@ -32,8 +33,15 @@ class Snapshots:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def save(self, step: int, state, meta: dict) -> None:
     """Starts an async save; returns once the device-to-host copy is done."""
+    meta = json.loads(json.dumps(meta))  # a copy: the JSON is written later, the caller goes on
     if step in self.manager.all_steps():  # e.g. a signal save and an epoch-end save of one step
       self.manager.wait_until_finished()
       self.manager.delete(step)
@@ -47,13 +55,27 @@ class Snapshots:
     return self.manager.latest_step()
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, f"{SNAPSHOT_PREFIX}_{step}")
+    return snapshot_path(self.directory, step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for the saves in flight, then releases the manager; a second call does nothing."""
+    if self.manager is not None:
+      self.manager.close()
+      self.manager = None
+
+
+def snapshot_path(directory: str, step: int) -> str:
+  return os.path.join(directory, f"{SNAPSHOT_PREFIX}_{step}")
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps of the complete snapshots in `directory`, read without a manager (which would write):
+  a save cut short is still a temporary directory, and is not among them."""
+  return sorted(s for s in ocp.utils.checkpoint_steps(directory)
+                if os.path.isdir(snapshot_path(directory, s)))
 
 
 def snapshot_step(path: str) -> tuple[str, int]:
@@ -61,6 +83,9 @@ def snapshot_step(path: str) -> tuple[str, int]:
   path = os.path.abspath(path.rstrip("/"))
   name = os.path.basename(path)
   prefix = SNAPSHOT_PREFIX + "_"
+  if not os.path.exists(path):
+    raise ConfigError(f"checkpoint_file: {path} does not exist; give a snapshot directory such "
+                      f"as result/lm_wikitext/snapshots/{prefix}1200")
   ok = (name.startswith(prefix) and name[len(prefix):].isdigit()
         and os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")))
   if not ok:
@@ -69,25 +94,30 @@ def snapshot_step(path: str) -> tuple[str, int]:
   return os.path.dirname(path), int(name[len(prefix):])
 
 
-def read_meta(snapshot_path: str) -> dict:
+def _restore_items(path: str, **items) -> dict:
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+    return ckpt.restore(path, ocp.args.Composite(**items))
+
+
+def read_meta(path: str) -> dict:
   """The JSON item of a snapshot, read without restoring any arrays."""
   try:
-    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    return dict(ckpt.restore(snapshot_path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    return dict(_restore_items(path, meta=ocp.args.JsonRestore())["meta"])
   except Exception as e:
-    raise ConfigError(f"checkpoint_file: cannot read {snapshot_path} ({type(e).__name__}: "
+    raise ConfigError(f"checkpoint_file: cannot read {path} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
-def restore(snapshots: Snapshots, step: int, target_state):
-  """(state, meta) of snapshot `step`, restored onto the structure/sharding of `target_state`."""
+def restore(path: str, target_state):
+  """(state, meta) of the snapshot at `path`, restored onto the structure/sharding of
+  `target_state`. Read without a manager: the run's own manager may be saving beside it."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   try:
-    out = snapshots.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    out = _restore_items(path, state=ocp.args.StandardRestore(abstract),
+                         meta=ocp.args.JsonRestore())
   except Exception as e:
-    raise ConfigError(f"checkpoint_file: cannot restore {snapshots.path(step)} "
-                      f"({type(e).__name__}); it is incomplete or from another model") from None
+    raise ConfigError(f"checkpoint_file: cannot restore {path} ({type(e).__name__}); it is "
+                      "incomplete or from another model") from None
   return out["state"], dict(out["meta"])
 
 
@@ -95,16 +125,32 @@ def save_model(models_dir: str, name: str, params, info: dict) -> str:
   """Writes `models_dir/name/{params/, model.json}` atomically; returns the final path."""
   final = os.path.join(os.path.abspath(models_dir), name)
   tmp = os.path.join(os.path.abspath(models_dir), f".{name}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  primary = jax.process_index() == 0
+  if primary:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  # Every process writes its shards of `params` (Orbax's collective save); only process 0
+  # prepares, describes and renames, with barriers so no process runs ahead of it.
+  ocp.multihost.sync_global_processes("gptjax_save_model_start")
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(tmp, "params"), params)
     ckpt.wait_until_finished()
-  with open(os.path.join(tmp, "model.json"), "w") as f:
-    json.dump(info, f, indent=2)
-  if jax.process_index() == 0:
+  if primary:
+    with open(os.path.join(tmp, "model.json"), "w") as f:
+      json.dump(info, f, indent=2)
     os.replace(tmp, final)
+  ocp.multihost.sync_global_processes("gptjax_save_model_done")
   return final
+
+
+def _restore_on_one_device(directory: str):
+  """Arrays saved by any number of devices (sharded or not), restored whole on this process's
+  first device: Orbax would otherwise look for the devices they were saved from."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckpt:
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          ckpt.metadata(directory).item_metadata)
+    return ckpt.restore(directory, target)
 
 
 def load_params(path: str, info: dict | None = None):
@@ -113,10 +159,9 @@ def load_params(path: str, info: dict | None = None):
   if os.path.isfile(os.path.join(path, "model.json")):
     with open(os.path.join(path, "model.json")) as f:
       info = json.load(f)
-    with ocp.StandardCheckpointer() as ckpt:
-      return ckpt.restore(os.path.join(path, "params")), info
+    return _restore_on_one_device(os.path.join(path, "params")), info
   snapshot_step(path)  # raises a one-line error for anything else
   meta = read_meta(path)
-  with ocp.StandardCheckpointer() as ckpt:
-    state = ckpt.restore(os.path.join(path, "state"))
-  return state["params"], meta["model"]
+  state = _restore_on_one_device(os.path.join(path, "state"))
+  # The trainer saves {"train": TrainState} (plus "best" params with early_stop_restore_best).
+  return state["train"]["params"], meta["model"]

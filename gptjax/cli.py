@@ -5,7 +5,9 @@ field (`--lr 6e-4` is `--config.lr=6e-4`); `--model_preset X` is `--config confi
 The same field given two different values two ways is an error naming both.
 """
 import os
+import re
 import sys
+import textwrap
 
 from absl import flags
 from ml_collections import config_flags
@@ -15,15 +17,8 @@ from gptjax.config import FIELDS, ConfigError
 
 DEFAULT_CONFIG = os.path.join(config_lib.CONFIGS_DIR, "default.py")
 
-# Guide flags that are config fields under their own name.
-ALIASES = ("dataset", "tokenizer", "max_samples", "epochs", "batch_size", "lr", "warmup_steps",
-           "weight_decay", "min_lr_ratio", "gradient_clip", "d_model", "num_heads", "num_layers",
-           "d_ff", "max_seq_len", "dropout", "snapshot_interval", "keep_last_n_snapshots",
-           "delete_snapshots_after_training", "gradient_monitor", "gradient_monitor_interval",
-           "weight_monitor", "weight_monitor_interval", "weight_monitor_sample_size",
-           "sanity_check_interval", "early_stopping", "early_stop_patience",
-           "early_stop_min_delta", "early_stop_overfit_patience", "early_stop_overfit_min_delta",
-           "resume", "checkpoint_file", "yes", "output_dir", "seed")
+# Every config field is also a flag under its own name: the guide's flags, and the rest.
+ALIASES = tuple(name for name in FIELDS if name != "model_preset")
 # Guide flags that set a boolean field to False.
 NEGATIONS = {"no_delete_snapshots_after_training": "delete_snapshots_after_training",
              "no_early_stop_restore_best": "early_stop_restore_best"}
@@ -61,6 +56,17 @@ def _config_overrides(argv) -> dict:
   return out
 
 
+def _config_file(argv) -> str:
+  """The value of the last --config FILE / --config=FILE on the command line."""
+  path = DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+  return path
+
+
 def _preset_argv(argv) -> list:
   """Rewrites --model_preset X into --config configs/X.py (unless --config is also given)."""
   preset = None
@@ -75,24 +81,58 @@ def _preset_argv(argv) -> list:
   return [argv[0], f"--config={config_lib.preset_path(preset)}"] + list(argv[1:])
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def _flag_error(e: flags.Error) -> str:
+  """absl's flag error as one line naming the option, the value and what is allowed."""
+  text = str(e).splitlines()[0]
+  if isinstance(e, flags.UnrecognizedFlagError):
+    name = e.flagvalue.split("=", 1)[0] if e.flagvalue else f"--{e.flagname}"
+    hint = text.partition("Did you mean: ")[2].rstrip(" ?")
+    return (f"{e.flagname}: unknown option {name}; "
+            + (f"did you mean --{hint}? " if hint else "")
+            + "python -m gptjax.train --help lists the options")
+  bad_value = re.match(r"flag --([\w.]+)=(.*?): ", text)
+  if bad_value:
+    name, value = bad_value.groups()
+    field = name.removeprefix("config.")
+    if field in FIELDS:
+      kind = _KINDS[type(FIELDS[field][0])]
+      return f"{field}: {value!r} is not allowed; must be {kind}"
+  missing = re.match(r"Missing value for flag --([\w.]+)", text)
+  if missing:
+    return f"{missing.group(1).removeprefix('config.')}: the option needs a value"
+  return text
+
+
 def parse(argv):
   """(config, explicit_fields, actions, log_file); raises ConfigError on any bad input."""
   argv = _preset_argv(argv)
+  overrides = _config_overrides(argv)
+  for name in overrides:  # config_flags would raise a bare AttributeError for these
+    if name not in FIELDS:
+      raise ConfigError(f"{name}: unknown config field (--config.{name}); "
+                        "python -m gptjax.train --help lists the fields")
   fv = flags.FlagValues()
-  _define_flags(fv, argv)
   try:
+    _define_flags(fv, argv)  # config_flags applies the --config.FIELD overrides here
     rest = fv(argv)
+    config = fv.config
+    config.to_dict()  # a config file that failed to load raises on first use: here, not later
   except flags.Error as e:
-    raise ConfigError(str(e).splitlines()[0]) from None
-  except Exception as e:  # config_flags: unknown field in a locked config, bad file, ...
-    raise ConfigError(f"config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-        from None
+    raise ConfigError(_flag_error(e)) from None
+  except Exception as e:  # config_flags: a missing or broken config file
+    path = _config_file(argv)
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    reason = lines[-1] if os.path.isfile(path) else "no such file"
+    raise ConfigError(f"config: cannot load {path!r} ({reason}); give a file like "
+                      "configs/small.py") from None
   if len(rest) > 1:
     raise ConfigError(f"unexpected argument {rest[1]!r}; options look like --name value")
-  config = fv.config
   base = config_lib.base_config()
   explicit = {k for k in FIELDS if config[k] != base[k]}   # set by the config file
-  overrides = _config_overrides(argv)
   explicit |= set(overrides)
   if len(argv) > 1 and any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
     explicit |= set(config_lib.ARCH_FIELDS) - {"tokenizer"}  # a config file names an architecture
@@ -113,25 +153,43 @@ def parse(argv):
   return config, frozenset(explicit), actions, fv.log_file
 
 
-def help_text() -> str:
-  lines = ["usage: python -m gptjax.train [--config FILE | --model_preset tiny|small|medium] "
-           "[--FIELD VALUE ...] [--config.FIELD=VALUE ...]",
+def help_text(width: int = 100) -> str:
+  """Every option with its default and a one-line description."""
+  col = 38
+
+  def entry(name, text):
+    if len(name) >= col - 3:  # too long for the column: the text starts on the next line
+      return f"  {name}\n" + textwrap.fill(text, width, initial_indent=" " * col,
+                                           subsequent_indent=" " * col, break_on_hyphens=False)
+    return textwrap.fill(text, width, initial_indent=f"  {name:<{col - 3}} ",
+                         subsequent_indent=" " * col, break_on_hyphens=False)
+
+  lines = ["usage: python -m gptjax.train [--config FILE | --model_preset tiny|small|medium]",
+           "                              [--FIELD VALUE ...] [--config.FIELD=VALUE ...]",
            "",
-           "Every option below is a config field: --lr 6e-4 and --config.lr=6e-4 are the same.",
-           "Booleans: --gradient_monitor / --nogradient_monitor (or =true/false).", "",
-           "options (default: description):"]
-  lines.append(f"  --config FILE                       (configs/default.py): config file")
-  lines.append(f"  --model_preset {{tiny,small,medium}}  (none): same as --config configs/X.py")
+           "Every option is a config field: --lr 6e-4 and --config.lr=6e-4 are the same.",
+           "Booleans: --gradient_monitor, --nogradient_monitor, or --gradient_monitor=false.",
+           "python -m gptjax.train --info documents the model, presets, monitors and resume.",
+           "",
+           "options:",
+           entry("--config FILE", "config file, e.g. configs/small.py (default: "
+                 "configs/default.py, the manual configuration)"),
+           entry("--model_preset PRESET", f"{' | '.join(config_lib.PRESETS)}: the same as "
+                 "--config configs/PRESET.py (default: none)")]
   for name, (default, text) in FIELDS.items():
     if name == "model_preset":
       continue
-    lines.append(f"  --{name:<34}({default!r}): {text}")
+    flag = "-y, --yes" if name == "yes" else f"--{name}"
+    if not isinstance(default, bool):
+      flag += f" {_METAVARS[type(default)]}"
+    lines.append(entry(flag, f"{text} (default: {default!r})"))
   for name, field in NEGATIONS.items():
-    lines.append(f"  --{name:<34}: set {field} to False")
-  lines.append(f"  {'-y, --yes':<36}: same as --yes")
+    lines.append(entry(f"--{name}", f"set {field} to False"))
+  lines.append(entry("--log_file PATH", "stdout already goes to this log file (as in the "
+                     "launcher's nohup): write no log file of our own (default: none)"))
   for name, text in ACTIONS.items():
-    lines.append(f"  --{name:<34}: {text}")
-  lines.append(f"  {'-h, --help':<36}: show this help and exit")
+    lines.append(entry(f"--{name}", text))
+  lines.append(entry("-h, --help", "show this help and exit"))
   return "\n".join(lines)
 
 

@@ -64,8 +64,10 @@ FIELDS = {
     # monitoring
     "gradient_monitor": (False, "per-layer gradient norms, global norm before/after clipping"),
     "gradient_monitor_interval": (100, "steps between gradient-monitor reports"),
-    "grad_vanish_threshold": (1e-7, "flag a layer whose gradient norm falls below this"),
-    "grad_explode_threshold": (100.0, "flag a layer whose gradient norm rises above this"),
+    "grad_vanish_threshold": (1e-7, "gradient monitor: flag a layer whose gradient norm falls "
+                              "below this (vanishing)"),
+    "grad_explode_threshold": (100.0, "gradient monitor: flag a layer whose gradient norm (before "
+                               "clipping) rises above this (exploding)"),
     "weight_monitor": (True, "per-layer weight norm, update norm, update/weight ratio, sampled stats"),
     "weight_monitor_interval": (100, "steps between weight-monitor reports"),
     "weight_monitor_sample_size": (1024, "entries per tensor sampled (fixed for the run) for stats"),
@@ -81,7 +83,14 @@ FIELDS = {
     "early_stop_overfit_min_delta": (0.01, "smallest gap growth that counts"),
     # devices
     "mesh_data": (-1, "devices on the data-parallel mesh axis; -1 fills the rest"),
-    "mesh_fsdp": (1, "devices on the fully-sharded mesh axis; -1 fills the rest"),
+    "mesh_fsdp": (1, "devices on the fully-sharded mesh axis (parameters and optimizer state "
+                  "split over them); -1 fills the rest"),
+    "coordinator_address": ("", "multi-process runs: HOST:PORT where process 0 listens; '' = "
+                            "single process, or detected under Slurm (srun) / Open MPI (mpirun)"),
+    "num_processes": (0, "multi-process runs: processes in the run (one per machine); 0 = 1, or "
+                      "detected under Slurm / Open MPI"),
+    "process_id": (-1, "multi-process runs: this process's rank, 0 .. num_processes-1 (0 runs the "
+                   "coordinator); -1 = detected under Slurm / Open MPI"),
 }
 
 
@@ -138,10 +147,15 @@ def validate(config) -> None:
   need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
   need(0.0 <= config.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
   need(config.gradient_clip >= 0, "gradient_clip", "must be >= 0 (0 disables clipping)")
+  need(config.grad_vanish_threshold >= 0, "grad_vanish_threshold", "must be >= 0 (0: never flag)")
+  need(config.grad_explode_threshold > config.grad_vanish_threshold, "grad_explode_threshold",
+       f"must be above grad_vanish_threshold ({config.grad_vanish_threshold:g})")
   need(config.attention in ("auto", "cudnn", "xla"), "attention", "allowed: auto, cudnn, xla")
   need(config.compute_dtype in ("auto", "bfloat16", "float32"), "compute_dtype",
        "allowed: auto, bfloat16, float32")
   need(config.mesh_data == -1 or config.mesh_data > 0, "mesh_data", "must be -1 or positive")
   need(config.mesh_fsdp == -1 or config.mesh_fsdp > 0, "mesh_fsdp", "must be -1 or positive")
-  if config.checkpoint_file:
-    need(os.path.exists(config.checkpoint_file), "checkpoint_file", "the path does not exist")
+  need(config.num_processes >= 0, "num_processes", "must be 0 (detect) or positive")
+  need(config.process_id >= -1 and (config.num_processes == 0
+                                    or config.process_id < config.num_processes), "process_id",
+       f"must be -1 (detect) or in 0..{max(config.num_processes - 1, 0)} (num_processes - 1)")

@@ -2,7 +2,8 @@
 
 GPT-2 layout: token + learned position embeddings, pre-LN blocks (causal self-attention, GELU MLP),
 a final LayerNorm and an output head tied to the token embedding. Parameters are float32; the
-activations run in `dtype` (bfloat16 on accelerators); the logits are returned in float32.
+activations run in `dtype` (bfloat16 on accelerators); the logits are returned in float32 unless
+the caller asks for another dtype (the training loss takes them in the compute dtype).
 Nothing here knows about training.
 """
 import dataclasses
@@ -39,19 +40,36 @@ class CausalSelfAttention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, *, deterministic: bool):
+  def __call__(self, x_BTD, *, deterministic: bool, cache_index=None):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     B, T, D = x_BTD.shape
     qkv_BT3D = nn.Dense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
     q_BTNH, k_BTNH, v_BTNH = jnp.split(qkv_BT3D.reshape(B, T, 3 * cfg.num_heads, head_dim), 3,
                                        axis=2)
-    y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
-                                          implementation=cfg.attention)
+    if cache_index is None:
+      y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
+                                            implementation=cfg.attention)
+    else:
+      k_BLNH, v_BLNH, mask_11TL = self._write_cache(k_BTNH, v_BTNH, cache_index)
+      y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BLNH, v_BLNH, mask=mask_11TL,
+                                            implementation="xla")
     # GPT-2: residual projections scaled by 1/sqrt(2 * num_layers).
     y_BTD = nn.Dense(D, dtype=cfg.dtype, name="proj",
                      kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTNH.reshape(B, T, D))
     return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+  def _write_cache(self, k_BTNH, v_BTNH, index):
+    """Decode mode: writes the T new keys/values at `index` of a fixed-size cache (L =
+    max_seq_len, so one compiled shape serves every step) and masks what query t may not see."""
+    B, T, N, H = k_BTNH.shape
+    L = self.config.max_seq_len
+    key = self.variable("cache", "key", jnp.zeros, (B, L, N, H), k_BTNH.dtype)
+    value = self.variable("cache", "value", jnp.zeros, (B, L, N, H), v_BTNH.dtype)
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BTNH, (0, index, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BTNH, (0, index, 0, 0))
+    mask_TL = jnp.arange(L)[None, :] <= index + jnp.arange(T)[:, None]
+    return key.value, value.value, mask_TL[None, None]
 
 
 class MLP(nn.Module):
@@ -71,10 +89,11 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, deterministic: bool):
+  def __call__(self, x_BTD, deterministic: bool, cache_index=None):
     cfg = self.config
     x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(
-        nn.LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD), deterministic=deterministic)
+        nn.LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD), deterministic=deterministic,
+        cache_index=cache_index)
     x_BTD = x_BTD + MLP(cfg, name="mlp")(
         nn.LayerNorm(dtype=cfg.dtype, name="ln2")(x_BTD), deterministic=deterministic)
     return x_BTD
@@ -84,20 +103,38 @@ class GPT(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, *, deterministic: bool = True):
+  def __call__(self, tokens_BT, *, deterministic: bool = True, decode: bool = False,
+               logits_dtype=jnp.float32):
+    """Logits (B, T, vocab_size) in `logits_dtype`. With `decode`, `tokens_BT` continue the
+    sequences held in the mutable 'cache' collection (see init_cache) at its next free position,
+    as Flax lm1b decodes."""
     cfg = self.config
     T = tokens_BT.shape[1]
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init(0.02), name="wte")
     wpe = nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=_init(0.02), name="wpe")
-    x_BTD = (wte(tokens_BT) + wpe(jnp.arange(T))[None]).astype(cfg.dtype)
+    positions_T, cache_index = jnp.arange(T), None
+    if decode:
+      index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+      cache_index = index.value
+      index.value = cache_index + T
+      positions_T = cache_index + positions_T
+    x_BTD = (wte(tokens_BT) + wpe(positions_T)[None]).astype(cfg.dtype)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
-    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat and not decode else Block
     for i in range(cfg.num_layers):
-      x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic)
+      x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
     x_BTD = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
-    # Tied output head: the matmul runs in the compute dtype, the logits leave in float32.
+    # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
     logits_BTV = x_BTD @ wte.embedding.astype(cfg.dtype).T
-    return logits_BTV.astype(jnp.float32)
+    return logits_BTV.astype(logits_dtype)
+
+
+def init_cache(config: ModelConfig, batch_size: int):
+  """An empty decode cache for `batch_size` sequences: per block the keys and values
+  (B, max_seq_len, heads, head_dim) in the compute dtype, and the next position (0)."""
+  shapes = jax.eval_shape(lambda: GPT(config).init(
+      jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), decode=True))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def count_params(config: ModelConfig) -> int:

@@ -75,8 +75,8 @@ class Reporter:
 
   def progress(self, n: int = 1, **postfix) -> None:
     if self.bar is not None:
-      if postfix:
-        self.bar.set_postfix(postfix, refresh=False)
+      if postfix:  # given at log reads only, so drawing it at once costs little
+        self.bar.set_postfix(postfix, refresh=True)
       self.bar.update(n)
 
   def end_epoch(self) -> None:

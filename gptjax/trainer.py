@@ -17,11 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
+from gptjax import sharding
+from gptjax import generate
 from gptjax.config import ARCH_FIELDS, ConfigError
 from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
 from gptjax.step import init_state, make_eval_step, make_train_step
 
 RUN_FIELDS = ("dataset", "max_samples", "batch_size", "seed")
+# Where and how this invocation runs, not what it trains: never taken from a snapshot.
+INVOCATION_FIELDS = ("resume", "checkpoint_file", "yes", "output_dir", "coordinator_address",
+                     "num_processes", "process_id", "mesh_data", "mesh_fsdp")
+# What a snapshot's meta holds; a directory without these is not a gptjax snapshot.
+META_KEYS = ("step", "epoch", "index", "history", "epoch_loss", "early_stop", "config", "model")
 
 
 class NonFiniteError(RuntimeError):
@@ -33,8 +40,10 @@ def model_config(config, n_vocab: int) -> ModelConfig:
   dtype = config.compute_dtype
   if dtype == "auto":
     dtype = "float32" if platform == "cpu" else "bfloat16"
-  attention = {"auto": None if platform == "gpu" else "xla"}.get(config.attention,
-                                                                   config.attention)
+  # jax.nn.dot_product_attention's own default (None) is XLA's unfused attention; auto asks for
+  # cuDNN flash attention, which needs a 16-bit compute dtype, on GPU.
+  flash = platform == "gpu" and dtype in ("bfloat16", "float16")
+  attention = {"auto": "cudnn" if flash else "xla"}.get(config.attention, config.attention)
   return ModelConfig(vocab_size=padded_vocab_size(n_vocab), d_model=config.d_model,
                      num_heads=config.num_heads, num_layers=config.num_layers, d_ff=config.d_ff,
                      max_seq_len=config.max_seq_len, dropout=config.dropout,
@@ -46,7 +55,9 @@ def model_info(mcfg: ModelConfig, config, n_vocab: int) -> dict:
   arch = dataclasses.asdict(mcfg)
   arch["dtype"] = jnp.dtype(mcfg.dtype).name
   return {"model": arch, "tokenizer": config.tokenizer, "n_vocab": n_vocab,
-          "dataset": config.dataset}
+          # A folder is recorded absolute: evaluate may run from another directory.
+          "dataset": config.dataset if config.dataset in config_lib.HUB_DATASETS
+                     else os.path.abspath(config.dataset)}
 
 
 def device_description() -> str:
@@ -61,22 +72,49 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset):
     snap_dir, step = checkpoint.snapshot_step(config.checkpoint_file)
   elif config.resume:
     snap_dir = os.path.join(run_dir, "snapshots")
-    steps = checkpoint.Snapshots(snap_dir, 1, read_only=True).steps() \
-        if os.path.isdir(snap_dir) else []
+    steps = checkpoint.complete_steps(snap_dir)
     if not steps:
       raise ConfigError(f"resume: no snapshot to resume in {snap_dir}; start a new run without "
                         "--resume, or pass --checkpoint_file PATH")
     step = max(steps)
   else:
     return None
-  meta = checkpoint.read_meta(os.path.join(snap_dir, f"{checkpoint.SNAPSHOT_PREFIX}_{step}"))
-  saved = meta["config"]
-  for field in ARCH_FIELDS + RUN_FIELDS:
-    if field in explicit and config[field] != saved[field]:
-      raise ConfigError(f"{field}: the snapshot was trained with {field}={saved[field]!r} but "
+  path = checkpoint.snapshot_path(snap_dir, step)
+  meta = checkpoint.read_meta(path)
+  missing = [k for k in META_KEYS if k not in meta]
+  if missing:
+    raise ConfigError(f"checkpoint_file: {path} is not a gptjax snapshot (its meta item lacks "
+                      f"{', '.join(missing)})")
+  # The resumed run is the same run: every field not given again comes from the snapshot; of
+  # those given, the architecture and the data must agree, run length and the like may change.
+  for field, value in meta["config"].items():
+    if field not in config or field in INVOCATION_FIELDS:
+      continue
+    if field not in explicit:
+      config[field] = value
+    elif field in ARCH_FIELDS + RUN_FIELDS and config[field] != value:
+      raise ConfigError(f"{field}: the snapshot was trained with {field}={value!r} but "
                         f"{field}={config[field]!r} was given; drop the option to resume")
-    config[field] = saved[field]
   return snap_dir, step, meta
+
+
+def check(config, explicit: frozenset = frozenset()):
+  """Everything decidable before any data is read, writing nothing (all of `--check_only`):
+  the snapshot to resume (its run identity applied to `config`), then every value.
+  Returns find_resume_snapshot's answer."""
+  resume = find_resume_snapshot(config, config_lib.output_dir(config), explicit)
+  config_lib.validate(config)
+  if resume:  # rotation keeps the highest steps: the resumed run's own snapshots would go first
+    snap_dir = os.path.join(config_lib.output_dir(config), "snapshots")
+    newer = [s for s in checkpoint.complete_steps(snap_dir) if s > resume[1]]
+    if newer:
+      raise ConfigError(f"checkpoint_file: {snap_dir} already holds later snapshots (steps "
+                        f"{', '.join(map(str, newer))}) than step {resume[1]}; continue from it "
+                        "in another --output_dir")
+  if resume and not config.yes and not sys.stdin.isatty():
+    raise ConfigError("yes: standard input is not a terminal, so loading the snapshot cannot be "
+                      "confirmed; add --yes (-y) to resume without asking")
+  return resume
 
 
 def confirm_resume(path: str, meta: dict, assume_yes: bool) -> None:
@@ -86,9 +124,6 @@ def confirm_resume(path: str, meta: dict, assume_yes: bool) -> None:
         f"val loss {'n/a' if val is None else f'{val:.4f}'}")
   if assume_yes:
     return
-  if not sys.stdin.isatty():
-    raise ConfigError("yes: standard input is not a terminal, so loading the snapshot cannot be "
-                      "confirmed; add --yes (-y) to resume without asking")
   if input("Resume from this snapshot? [y/N] ").strip().lower() not in ("y", "yes"):
     raise ConfigError("resume: not confirmed; nothing was loaded")
 
@@ -111,10 +146,12 @@ class _StopSignal:
       signal.signal(s, handler)
 
 
-def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int) -> float:
-  """Token-weighted mean loss over the whole split."""
+def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None) -> float:
+  """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows."""
+  rows, put = sharding.batch_feeder(mesh, batch_size) if mesh else (slice(None), jax.device_put)
+  batches = (tuple(x[rows] for x in b) for b in data.eval_batches(tokens, seq_len, batch_size))
   loss_sum, count = 0.0, 0.0
-  for batch in data.prefetch(data.eval_batches(tokens, seq_len, batch_size), jax.device_put):
+  for batch in data.prefetch(batches, put):
     s, n = eval_step(params, *batch)
     loss_sum, count = loss_sum + s, count + n
   return float(loss_sum) / max(float(count), 1.0)
@@ -122,18 +159,19 @@ def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int) -> float:
 
 def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: str = "") -> dict:
   """Trains `config` to the end (or to an early stop or a signal); returns a summary dict."""
-  run_dir = config_lib.output_dir(config)
-  resume = find_resume_snapshot(config, run_dir, explicit)
-  config_lib.validate(config)
+  resume = check(config, explicit)
+  run_dir = config_lib.output_dir(config)  # after check: a snapshot may name the dataset
   if resume:
     meta = resume[2]
-    if meta["epoch"] >= config.epochs or meta["early_stop"].get("stopped"):
-      print(f"This run is finished: {meta['epoch']} of {config.epochs} epochs done"
-            + (f" (early stop: {meta['early_stop']['reason']})"
-               if meta["early_stop"].get("stopped") else "")
-            + "; raise --epochs to train further.")
+    if meta["early_stop"].get("stopped"):
+      print(f"This run is finished after epoch {meta['epoch']} (early stop: "
+            f"{meta['early_stop']['reason']}).")
       return {"finished": True, "step": meta["step"]}
-    confirm_resume(os.path.join(resume[0], f"snapshot_{resume[1]}"), meta, config.yes)
+    if meta["epoch"] >= config.epochs:
+      print(f"This run is finished: {meta['epoch']} of {config.epochs} epochs done; raise "
+            "--epochs to train further.")
+      return {"finished": True, "step": meta["step"]}
+    confirm_resume(checkpoint.snapshot_path(resume[0], resume[1]), meta, config.yes)
 
   splits = {s: data.load_tokens(config.dataset, s, config.tokenizer, config.max_samples,
                                 config.data_cache_dir) for s in data.SPLITS}
@@ -145,41 +183,54 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
   total_steps = windows.steps_per_epoch * config.epochs
 
   report = reporting.Reporter(run_dir, log_file)
+  snapshots = checkpoint.Snapshots(os.path.join(run_dir, "snapshots"),
+                                   config.keep_last_n_snapshots)
   try:
     with _StopSignal() as stop:
-      return _train(config, run_dir, report, splits, windows, total_steps, resume, stop)
+      return _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
+                    snapshots)
   finally:
+    snapshots.close()  # whatever ended the run, the saves in flight complete first
     report.close()
 
 
-def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) -> dict:
+def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
+           snapshots) -> dict:
   enc = data.get_tokenizer(config.tokenizer)
   mcfg = model_config(config, enc.n_vocab)
   model = GPT(mcfg)
   tx = optim.make_optimizer(config, total_steps)
   schedule = optim.lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
   rng = jax.random.key(config.seed)
-  state = init_state(model, tx, jax.random.fold_in(rng, 0), config.max_seq_len)
+  mesh = sharding.make_mesh(config)
+  eval_batch = config.eval_batch_size or config.batch_size
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(eval_batch, mesh, "eval_batch_size" if config.eval_batch_size
+                            else "batch_size")
+  # Created in its shards: with fsdp the whole state never sits on one device.
+  state, state_sharding = sharding.init_sharded(
+      lambda key: init_state(model, tx, key, config.max_seq_len), mesh, jax.random.fold_in(rng, 0))
+  rows, put_batch = sharding.batch_feeder(mesh, config.batch_size)
   sample_idx = monitor.make_sample_indices(state.params, config.weight_monitor_sample_size,
                                            config.seed)
-  train_step = make_train_step(model, tx, schedule, config, sample_idx)
+  train_step = make_train_step(model, tx, schedule, config, sample_idx, state_sharding)
   eval_step = make_eval_step(model)
-  eval_batch = config.eval_batch_size or config.batch_size
-  restore_best = bool(config.early_stopping and config.early_stop_restore_best)
+  sampler = generate.training_sampler(config, mcfg, enc)
+  # Whichever criterion stops the run, the final model is then the best epoch's.
+  restore_best = bool(config.early_stop_restore_best and (
+      early_stop.patience_active(config) or early_stop.overfit_active(config)))
 
-  snapshots = checkpoint.Snapshots(os.path.join(run_dir, "snapshots"),
-                                   config.keep_last_n_snapshots)
   resolved = config.to_dict()
-  for path in (run_dir, snapshots.directory):
+  for path in (run_dir, snapshots.directory) if jax.process_index() == 0 else ():
     with open(os.path.join(path, "run_config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
 
   epoch, index, history, stopper = 0, 0, [], early_stop.EarlyStopState()
-  best_params = state.params if restore_best else None
+  # A copy: the train step donates (frees) the state's own buffers.
+  best_params = jax.tree.map(jnp.copy, state.params) if restore_best else None
   if resume:
     saved = {"train": state, "best": best_params} if restore_best else {"train": state}
-    restored, meta = checkpoint.restore(
-        checkpoint.Snapshots(resume[0], config.keep_last_n_snapshots), resume[1], saved)
+    restored, meta = checkpoint.restore(checkpoint.snapshot_path(resume[0], resume[1]), saved)
     state, best_params = restored["train"], restored.get("best")
     epoch, index, history = meta["epoch"], meta["index"], meta["history"]
     stopper = early_stop.EarlyStopState.from_json(meta["early_stop"])
@@ -189,6 +240,9 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
   tokens_per_step = config.batch_size * config.max_seq_len
   report.info(f"Device: {device_description()}; compute {jnp.dtype(mcfg.dtype).name}, "
               f"attention {mcfg.attention or 'auto'}")
+  report.info(f"Mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over "
+              f"{jax.process_count()} process(es); {config.batch_size // mesh.devices.size} "
+              f"sequences per device")
   report.info(f"Model: {n_params:,} parameters ({n_params / 1e6:.1f}M); d_model {mcfg.d_model}, "
               f"{mcfg.num_heads} heads, {mcfg.num_layers} layers, d_ff {mcfg.d_ff}, "
               f"context {mcfg.max_seq_len}, vocab {enc.n_vocab} (padded {mcfg.vocab_size})")
@@ -202,16 +256,38 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
     report.info(f"Warning: warmup_steps {config.warmup_steps} is longer than the whole run "
                 f"({total_steps} steps); the peak lr is reached at the last step")
 
+  def stop_nonfinite(step, where, applied):
+    """Raises NonFiniteError once the snapshots in flight are on disk (each was checked)."""
+    snapshots.wait()
+    last = snapshots.latest_step()
+    message = (f"non-finite values at step {step + 1}: {where}; "
+               + ("" if applied else "the update was not applied; ")
+               + f"last good snapshot: {snapshots.path(last) if last is not None else 'none'}. "
+               "Lower --lr, raise --warmup_steps or set --gradient_clip (e.g. 1.0)")
+    report.info(f"Training stopped: {message}")
+    snapshots.close()
+    raise NonFiniteError(message)
+
+  count_nonfinite = jax.jit(monitor.nonfinite_counts)
+
   def snapshot(val_loss=None):
+    # The step only refuses non-finite gradients; an update that overflows the weights is
+    # caught here at the latest (one pass over the weights), so no snapshot is ever non-finite.
+    bad = monitor.nonfinite_where({"loss": 0, "grads": {},
+                                   "params": jax.device_get(count_nonfinite(state.params))})
+    if bad:
+      stop_nonfinite(int(state.step) - 1, bad, applied=True)
     meta = {"step": int(state.step), "epoch": epoch, "index": index, "history": history,
             "time": reporting.timestamp(), "val_loss": val_loss, "early_stop": stopper.to_json(),
-            "initial_val_loss": initial_val_loss,
+            "initial_val_loss": initial_val_loss, "epoch_loss": epoch_loss,
             "config": resolved, "model": model_info(mcfg, config, enc.n_vocab)}
     snapshots.save(int(state.step), {"train": state, "best": best_params} if restore_best
                    else {"train": state}, meta)
 
   clock = {"t": time.time(), "step": int(state.step), "start": time.time()}
-  epoch_loss = [0.0, 0]
+  throughput = []  # (step, steps, seconds) of each log interval: what gptjax.bench --loop reads
+  # (sum, count) of this epoch's training losses, so far: a resumed epoch reports the same mean.
+  epoch_loss = list(meta["epoch_loss"]) if resume else [0.0, 0]
 
   def read(step, metrics):
     """Host side of step `step`: finite check every step; logs and monitors when due."""
@@ -223,34 +299,34 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
     if not finite or (interval and step % interval == 0):
       where = monitor.nonfinite_where(jax.device_get(metrics["sanity"]))
       if where or not finite:
-        last = snapshots.latest_step()
-        raise NonFiniteError(
-            f"non-finite values at step {step}: {where or 'loss/gradient norm'}; the update was "
-            f"not applied. Last good snapshot: "
-            f"{snapshots.path(last) if last is not None else 'none'}. "
-            "Lower --lr, raise --warmup_steps or check --gradient_clip.")
+        stop_nonfinite(step, where or "the global gradient norm (it overflowed; each gradient "
+                       "value is finite)", applied=bool(finite))
     scalars = {}
     if "grad" in metrics and step % config.gradient_monitor_interval == 0:
       line, s, flags = monitor.gradient_report(
           jax.device_get(metrics["grad"]), config.grad_vanish_threshold,
           config.grad_explode_threshold)
-      report.info(f"[grad step {step}] {line}")
+      report.info(f"[grad step {step + 1}] {line}")
       for flag in flags:
-        report.info(f"[grad step {step}] WARNING {flag}")
+        report.info(f"[grad step {step + 1}] WARNING {flag}")
       scalars.update(s)
     if "weight" in metrics and step % config.weight_monitor_interval == 0:
       line, s = monitor.weight_report(jax.device_get(metrics["weight"]))
-      report.info(f"[weights step {step}] {line}")
+      report.info(f"[weights step {step + 1}] {line}")
       scalars.update(s)
     if step % config.log_interval == 0 or step == total_steps - 1:
       now = time.time()
-      tok_s = (step + 1 - clock["step"]) * tokens_per_step / max(now - clock["t"], 1e-9)
+      steps_done, seconds = step + 1 - clock["step"], max(now - clock["t"], 1e-9)
+      tok_s = steps_done * tokens_per_step / seconds
+      throughput.append({"step": step, "steps": steps_done, "seconds": seconds})
       clock.update(t=now, step=step + 1)
       lr, grad_norm = jax.device_get((metrics["lr"], metrics["grad_norm"]))
       eta = (total_steps - step - 1) * tokens_per_step / max(tok_s, 1e-9)
       report.info(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
                   f"ppl {math.exp(min(loss, 50)):.1f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
                   f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}")
+      # The bar (a terminal only) shows the numbers just read: no extra device read.
+      report.progress(0, loss=f"{loss:.3f}", lr=f"{lr:.1e}", **{"tok/s": f"{tok_s:,.0f}"})
       scalars.update({"train/loss": float(loss), "train/perplexity": math.exp(min(loss, 50)),
                       "train/lr": float(lr), "train/tokens_per_s": tok_s,
                       "train/grad_norm": float(grad_norm)})
@@ -258,7 +334,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
 
   if not resume:  # the baseline every later validation is compared with, as nanoGPT's iter 0
     initial_val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len,
-                                eval_batch)
+                                eval_batch, mesh)
     report.info(f"Before training | val loss {initial_val_loss:.4f} | "
                 f"val ppl {math.exp(initial_val_loss):.2f}")
     report.scalars(0, {"val/loss": initial_val_loss, "val/perplexity": math.exp(initial_val_loss)})
@@ -267,8 +343,10 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
 
   status = "completed"
   while epoch < config.epochs and status == "completed":
+    # tok/s counts training steps only, not the evaluation and snapshot before this epoch.
+    clock.update(t=time.time(), step=int(state.step))
     report.start_epoch(epoch + 1, windows.steps_per_epoch, index)
-    batches = data.prefetch(windows.epoch(epoch, index), jax.device_put)
+    batches = data.prefetch(windows.epoch(epoch, index, rows), put_batch)
     pending = None
     for batch in batches:
       step = int(state.step) if pending is None else pending[0] + 1
@@ -291,7 +369,8 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
     report.end_epoch()
     if status != "completed":
       break
-    val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len, eval_batch)
+    val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len, eval_batch,
+                        mesh)
     train_loss = epoch_loss[0] / max(epoch_loss[1], 1)
     epoch_loss[:] = [0.0, 0]
     stopper, improved = early_stop.update(stopper, config, epoch + 1, val_loss, train_loss)
@@ -303,6 +382,9 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
                 f"val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
                 + (" (best)" if improved else ""))
     report.scalars(int(state.step), {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
+    for i, (prompt, text) in enumerate(sampler(state.params) if sampler else [], 1):
+      report.info(f"Sample {i} | {prompt + text!r}")
+      report.text(int(state.step), f"samples/{i}", prompt + text)
     epoch, index = epoch + 1, 0
     snapshot(val_loss)
     if stopper.stopped:
@@ -323,7 +405,8 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
     final_params = best_params
     report.info(f"Restored the best weights: epoch {stopper.best_epoch} "
                 f"(val loss {stopper.best_val_loss:.4f})")
-  test_loss = evaluate(eval_step, final_params, splits["test"], config.max_seq_len, eval_batch)
+  test_loss = evaluate(eval_step, final_params, splits["test"], config.max_seq_len, eval_batch,
+                       mesh)
   report.info(f"Test loss {test_loss:.4f} | test ppl {math.exp(test_loss):.2f}")
   report.scalars(int(state.step), {"test/loss": test_loss, "test/perplexity": math.exp(test_loss)})
   info = model_info(mcfg, config, enc.n_vocab)
@@ -337,4 +420,5 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop) 
     shutil.rmtree(snapshots.directory, ignore_errors=True)
     report.info("Snapshots deleted (keep them with --no_delete_snapshots_after_training)")
   return {"status": status, "step": int(state.step), "history": history,
-          "initial_val_loss": initial_val_loss, "test_loss": test_loss, "model_path": model_path, "params": final_params}
+          "throughput": throughput, "initial_val_loss": initial_val_loss,
+          "test_loss": test_loss, "model_path": model_path, "params": final_params}

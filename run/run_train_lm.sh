@@ -306,11 +306,13 @@ CMD+=(--output_dir "$OUTPUT_DIR" --log_file "$LOG_FILE")
 
 # ----------------------------------------------------------------------------- validate (foreground)
 set +e
-CHECK_OUT="$("${CMD[@]}" --check_only 2>&1)"
+# stdin as the background run will have it (none): a resume without --yes is refused here.
+CHECK_OUT="$("${CMD[@]}" --check_only 2>&1 </dev/null)"
 CHECK_RC=$?
 set -e
 if [[ $CHECK_RC -ne 0 ]]; then
   last="$(printf '%s\n' "$CHECK_OUT" | sed -e '/^[[:space:]]*$/d' | tail -n 1)"
+  last="${last#error: }"  # the trainer's own prefix; die adds ours
   [[ -n "$last" ]] || last="python -m gptjax.train --check_only failed with exit code ${CHECK_RC}"
   if [[ $CHECK_RC -eq 2 ]]; then
     die 2 "$last"

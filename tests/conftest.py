@@ -35,11 +35,19 @@ def token_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("token_cache"))
 
 
+@pytest.fixture(scope="session")
+def make_tiny_config(corpus, token_cache):
+  """tiny_config's maker, for fixtures wider than one test (e.g. one reference run per module)."""
+  def make(output_dir):
+    config = base_config()
+    config.update(dataset=corpus, data_cache_dir=token_cache, output_dir=str(output_dir),
+                  d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_len=32, batch_size=8,
+                  epochs=2, lr=3e-3, warmup_steps=10, log_interval=25, dropout=0.1,
+                  sample_prompts="", weight_monitor_interval=25, sanity_check_interval=25)
+    return config
+  return make
+
+
 @pytest.fixture
-def tiny_config(corpus, token_cache, tmp_path):
-  config = base_config()
-  config.update(dataset=corpus, data_cache_dir=token_cache, output_dir=str(tmp_path / "run"),
-                d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_len=32, batch_size=8,
-                epochs=2, lr=3e-3, warmup_steps=10, log_interval=25, dropout=0.1,
-                sample_prompts="", weight_monitor_interval=25, sanity_check_interval=25)
-  return config
+def tiny_config(make_tiny_config, tmp_path):
+  return make_tiny_config(tmp_path / "run")

@@ -1,4 +1,5 @@
-"""Scripted loss sequences through gptjax.early_stop: when it stops, what it tracks, its JSON."""
+"""Scripted loss sequences through gptjax.early_stop: when it stops, what it tracks, its JSON;
+and through the trainer: the epoch it stops at, the weights it keeps, what it logs and saves."""
 import json
 import math
 import types
@@ -230,3 +231,113 @@ def test_from_json_defaults_missing_and_rejects_unknown_fields():
       best_epoch=2, best_val_loss=1.5)
   with pytest.raises(ValueError, match="unknown"):
     EarlyStopState.from_json({"bogus": 1})
+
+
+# ----------------------------------------------------------------------------- through the trainer
+# The real training runs; only the validation losses are scripted (trainer.evaluate replaced).
+
+def scripted_evaluate(monkeypatch, config, val_losses):
+  """Validation returns the next of `val_losses` (the first one is the before-training loss) and
+  records the params it was given; the test split returns 1.0 and records the final params."""
+  import jax
+  import numpy as np
+  from gptjax import data, trainer
+
+  valid = np.asarray(data.load_tokens(config.dataset, "valid", config.tokenizer,
+                                      cache_dir=config.data_cache_dir))
+  calls = {"valid": [], "test": []}
+  script = iter(val_losses)
+
+  def evaluate(eval_step, params, tokens, *args, **kwargs):
+    split = "valid" if len(tokens) == len(valid) and np.array_equal(tokens, valid) else "test"
+    calls[split].append(jax.tree.map(np.array, jax.device_get(params)))  # copies: buffers are
+    return next(script) if split == "valid" else 1.0                     # donated later
+
+  monkeypatch.setattr(trainer, "evaluate", evaluate)
+  return calls
+
+
+def same_tree(a, b) -> bool:
+  import jax
+  import numpy as np
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def run_log(config) -> str:
+  import glob
+  (path,) = glob.glob(f"{config.output_dir}/logs/*.log")
+  with open(path) as f:
+    return f.read()
+
+
+def short_run(config, **overrides):
+  config.update(epochs=6, max_samples=30, dropout=0.0, weight_monitor=False, **overrides)
+  return config
+
+
+def test_trainer_stops_on_patience_and_keeps_best_epoch(tiny_config, monkeypatch, capsys):
+  import os
+  from gptjax import checkpoint, trainer
+  config = short_run(tiny_config, early_stopping=True, early_stop_patience=2,
+                     snapshot_interval=4, keep_last_n_snapshots=20,
+                     delete_snapshots_after_training=False)
+  calls = scripted_evaluate(monkeypatch, config, [11.0, 5.0, 4.0, 4.2, 4.1, 3.0, 2.0])
+  result = trainer.train_and_evaluate(config)
+
+  assert [h["val_loss"] for h in result["history"]] == [5.0, 4.0, 4.2, 4.1]  # stopped after 4
+  assert len(calls["valid"]) == 5 and len(calls["test"]) == 1
+  best, last = calls["valid"][2], calls["valid"][4]      # epochs 2 and 4 (0 is before training)
+  assert not same_tree(best, last)
+  assert same_tree(calls["test"][0], best)               # tested: the best epoch's weights
+  params, _ = checkpoint.load_params(result["model_path"])
+  assert same_tree(params, best)                         # and saved as the final model
+  log = run_log(config)
+  assert ("Early stopping after epoch 4: validation loss did not improve by 0.001 for 2 epochs "
+          "(best 4.0000 at epoch 2)") in log
+  assert "Restored the best weights: epoch 2 (val loss 4.0000)" in log
+
+  # The early-stopping state and the best weights travel in each snapshot (mid-epoch ones too).
+  steps_per_epoch = result["step"] // 4
+  snaps = checkpoint.Snapshots(f"{config.output_dir}/snapshots", 20, read_only=True)
+  assert any(s % steps_per_epoch for s in snaps.steps())
+  epoch3 = snaps.path(3 * steps_per_epoch)
+  meta = checkpoint.read_meta(epoch3)
+  assert meta["epoch"] == 3 and meta["index"] == 0
+  saved_state = EarlyStopState.from_json(meta["early_stop"])
+  assert (saved_state.best_val_loss, saved_state.best_epoch,
+          saved_state.epochs_without_improvement, saved_state.stopped) == (4.0, 2, 1, False)
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckpt:
+    saved = ckpt.restore(os.path.join(epoch3, "state"))
+  assert same_tree(saved["best"], best)
+
+  # A resumed run reads the stopped state back and does not train on.
+  config.update(resume=True, yes=True)
+  capsys.readouterr()
+  assert trainer.train_and_evaluate(config)["finished"]
+  assert "early stop: validation loss did not improve" in capsys.readouterr().out
+
+
+def test_trainer_stops_on_overfitting_and_keeps_best_epoch(tiny_config, monkeypatch):
+  from gptjax import checkpoint, trainer
+  config = short_run(tiny_config, early_stop_overfit_patience=2)
+  # Validation falls far below its first value, then rises by 1 an epoch while the training
+  # loss falls: the gap grows from epoch 3 on, so the second growth (epoch 4) stops the run.
+  calls = scripted_evaluate(monkeypatch, config, [11.0, 10.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+  result = trainer.train_and_evaluate(config)
+
+  history = result["history"]
+  assert [h["val_loss"] for h in history] == [10.0, 5.0, 6.0, 7.0]
+  state = EarlyStopState()
+  for h in history:  # the real training losses give the same decision
+    state, _ = early_stop.update(state, config, h["epoch"], h["val_loss"], h["train_loss"])
+  assert state.stopped and state.gap_growth_streak == 2 and state.best_epoch == 2
+  log = run_log(config)
+  assert f"Early stopping after epoch 4: {state.reason}" in log
+  assert state.reason.startswith("the validation-train gap grew by more than 0.01 for 2 epochs")
+  assert "Restored the best weights: epoch 2 (val loss 5.0000)" in log
+  best, last = calls["valid"][2], calls["valid"][4]
+  assert not same_tree(best, last)
+  params, _ = checkpoint.load_params(result["model_path"])
+  assert same_tree(params, best) and same_tree(calls["test"][0], best)

@@ -1,0 +1,596 @@
+"""`python -m gptjax.bench`: how fast the real train step runs, and how close the real loop gets.
+
+Every row builds the trainer's own pieces (trainer.model_config, optim.make_optimizer,
+step.make_train_step, the monitors' sample indices) for one config and measures one of:
+  step (default)  the compiled step on synthetic random tokens: compile seconds, then the median
+                  of --repeats windows of --steps steps (warm-up excluded, the device synchronised
+                  at both ends of each window), tokens/s, MFU, peak device memory;
+  --loop          the same bare step, then trainer.train_and_evaluate on the config's real data;
+                  the loop's tokens/s come from the trainer's own log intervals (the first, which
+                  holds compilation, is left out) and are compared with the bare step;
+  --save_stall    what one asynchronous Orbax snapshot save (checkpoint.Snapshots) costs: the
+                  save call, and the extra time of the steps that follow it.
+Rows are the product of --presets (or --config/--model_preset), --batch_sizes, --vary FIELD=a,b
+and --monitors. Each row runs in a fresh process (--noisolate: all in this one), so its compile
+time and its peak memory are its own.
+
+MFU counts 6*N + 12*L*T*d FLOPs per token (N: every parameter, embeddings included; the
+attention term as if unmasked, as nanoGPT and PaLM count it) against --peak_tflops per device,
+by default 989 TFLOP/s, the dense bf16 peak of an H100 SXM.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+H100_SXM_BF16_TFLOPS = 989.0
+_TRACE_TOP = 25
+
+
+def flops_per_token(n_params: int, num_layers: int, seq_len: int, d_model: int) -> int:
+  """Training FLOPs per token: 6N for the matmuls with parameters, 12*L*T*d for attention."""
+  return 6 * n_params + 12 * num_layers * seq_len * d_model
+
+
+# ----------------------------------------------------------------------------- rows
+
+def _parse_value(field: str, text: str):
+  from gptjax.config import FIELDS, ConfigError
+  if field not in FIELDS:
+    raise ConfigError(f"vary: unknown config field {field!r}")
+  kind = type(FIELDS[field][0])
+  try:
+    if kind is bool:
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+      return text.lower() in ("true", "1")
+    return kind(text)
+  except ValueError:
+    raise ConfigError(f"vary: {field}={text!r} is not a {kind.__name__}") from None
+
+
+def parse_vary(specs) -> list:
+  """['dropout=0,0.1'] -> [('dropout', [0.0, 0.1])]."""
+  from gptjax.config import ConfigError
+  out = []
+  for spec in specs:
+    field, eq, values = spec.partition("=")
+    if not eq or not values:
+      raise ConfigError(f"vary: {spec!r} is not FIELD=VALUE[,VALUE...]")
+    out.append((field, [_parse_value(field, v) for v in values.split(",")]))
+  return out
+
+
+def apply_monitors(config, setting: str) -> None:
+  """'off': every monitor off; 'N': gradient, weight and sanity monitors all every N steps."""
+  from gptjax.config import ConfigError
+  if setting == "config":
+    return
+  if setting == "off":
+    config.update(gradient_monitor=False, weight_monitor=False, sanity_check_interval=0)
+    return
+  if not setting.isdigit() or int(setting) < 1:
+    raise ConfigError(f"monitors: {setting!r} is not allowed; use config, off or a positive "
+                      "interval in steps")
+  n = int(setting)
+  config.update(gradient_monitor=True, weight_monitor=True, gradient_monitor_interval=n,
+                weight_monitor_interval=n, sanity_check_interval=n)
+
+
+def _int_list(field: str, text: str) -> list:
+  from gptjax.config import ConfigError
+  try:
+    values = [int(v) for v in text.split(",")]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise ConfigError(f"{field}: {text!r} is not a comma-separated list of positive integers")
+  return values
+
+
+def expand_rows(args, config_argv) -> list:
+  """[(label, config)] for every combination the flags ask for; each config validated."""
+  from gptjax import cli
+  from gptjax import config as config_lib
+  batches = _int_list("batch_sizes", args.batch_sizes) if args.batch_sizes else [None]
+  presets = []  # (preset, its batch sizes): "small:128" pins small's batch size
+  for entry in args.presets.split(",") if args.presets else [""]:
+    name, colon, batch = entry.partition(":")
+    if name:
+      config_lib.preset_path(name)  # names the bad preset
+    presets.append((name, _int_list("presets", batch) if colon else batches))
+  vary = parse_vary(args.vary)
+  monitors = args.monitors.split(",")
+  rows = []
+  for preset, preset_batches in presets:
+    argv = ["gptjax.bench"] + (["--model_preset", preset] if preset else []) + config_argv
+    base, _, _, _ = cli.parse(argv)
+    for batch, values, mon in itertools.product(
+        preset_batches, itertools.product(*[v for _, v in vary]), monitors):
+      config = base.copy_and_resolve_references()
+      if batch:
+        config.batch_size = batch
+      tags = []
+      for (field, _), value in zip(vary, values):
+        config[field] = value
+        tags.append(f"{field}={value}")
+      apply_monitors(config, mon)
+      if mon != "config":
+        tags.append(f"monitors={mon}")
+      config_lib.validate(config)
+      name = preset or config.model_preset or "config"
+      rows.append((" ".join([f"{name} b{config.batch_size}"] + tags), config))
+  return rows
+
+
+# ----------------------------------------------------------------------------- the measured step
+
+class _Built:
+  """The trainer's step for one config, compiled, with its state and synthetic batches."""
+
+  def __init__(self, config, total_steps: int, n_batches: int = 4):
+    import jax
+    import numpy as np
+    from gptjax import config as config_lib, monitor, optim, sharding, step, trainer
+    from gptjax.model import GPT, count_params
+
+    self.config = config
+    n_vocab = config_lib.TOKENIZER_VOCAB[config.tokenizer]
+    self.mcfg = trainer.model_config(config, n_vocab)
+    self.model = GPT(self.mcfg)
+    self.n_params = count_params(self.mcfg)
+    tx = optim.make_optimizer(config, total_steps)
+    schedule = optim.lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
+    # Built as trainer._train builds them, so that the compiled program is the trainer's.
+    mesh = sharding.make_mesh(config)
+    sharding.check_batch_size(config.batch_size, mesh)
+    self.n_devices = mesh.devices.size
+    self.rng = jax.random.key(config.seed)
+    self.state, state_sharding = sharding.init_sharded(
+        lambda key: step.init_state(self.model, tx, key, config.max_seq_len), mesh,
+        jax.random.fold_in(self.rng, 0))
+    sample_idx = monitor.make_sample_indices(self.state.params,
+                                             config.weight_monitor_sample_size, config.seed)
+    self.train_step = step.make_train_step(self.model, tx, schedule, config, sample_idx,
+                                           state_sharding)
+    # Random tokens, several batches in rotation: never zeros, never one cached buffer.
+    rows, put = sharding.batch_feeder(mesh, config.batch_size)
+    tokens = np.random.default_rng(config.seed + 1).integers(
+        0, n_vocab, (n_batches, config.batch_size, config.max_seq_len + 1), dtype=np.int32)
+    self.batches = [put(b[rows]) for b in tokens]
+    self.calls = 0
+    self.compiled = None
+    self.metrics = None
+
+  def compile(self) -> float:
+    t = time.perf_counter()
+    self.compiled = self.train_step.lower(self.state, self.batches[0], self.rng).compile()
+    return time.perf_counter() - t
+
+  def run(self, n: int) -> None:
+    """Dispatches n steps (asynchronously: the caller synchronises)."""
+    for _ in range(n):
+      self.state, self.metrics = self.compiled(
+          self.state, self.batches[self.calls % len(self.batches)], self.rng)
+      self.calls += 1
+
+  def sync(self) -> None:
+    import jax
+    jax.block_until_ready((self.state, self.metrics))
+
+  def timed(self, n: int) -> float:
+    """Seconds for n steps, from an idle device to an idle device."""
+    self.sync()
+    t = time.perf_counter()
+    self.run(n)
+    self.sync()
+    return time.perf_counter() - t
+
+  def program_bytes(self):
+    analysis = self.compiled.memory_analysis()
+    if analysis is None:
+      return None
+    return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+
+
+def _device():
+  import jax
+  device = jax.devices()[0]
+  return device, f"{device.device_kind} ({jax.default_backend()})"
+
+
+def _peak_bytes():
+  device, _ = _device()
+  stats = device.memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def loss_vs_float32(built, batch) -> dict:
+  """Loss of the row's model (its dtype, attention and loss code) and of a float32, XLA-attention
+  model with optax's plain cross-entropy, on the same parameters and tokens."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from gptjax import step
+  from gptjax.model import GPT
+
+  reference = GPT(dataclasses.replace(built.mcfg, dtype=jnp.float32, attention="xla"))
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  row = jax.jit(lambda p: jnp.mean(step.token_losses(built.model, p, inputs, targets)))
+  ref = jax.jit(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      reference.apply({"params": p}, inputs), targets)))
+  a, b = float(row(built.state.params)), float(ref(built.state.params))
+  return {"loss": a, "loss_float32": b, "loss_abs_diff": abs(a - b)}
+
+
+def measure_step(config, opts, total_steps: int = 10000) -> dict:
+  import jax
+  built = _Built(config, total_steps)
+  out = {}
+  if opts["check_loss"]:
+    out.update(loss_vs_float32(built, built.batches[0]))
+  out["compile_s"] = built.compile()
+  if opts["dump_hlo"]:
+    os.makedirs(opts["dump_hlo"], exist_ok=True)
+    out["hlo"] = os.path.join(opts["dump_hlo"], _slug(opts["label"]) + ".hlo.txt")
+    with open(out["hlo"], "w") as f:
+      f.write(built.compiled.as_text())
+  built.run(max(opts["warmup"], 1))  # the first run also loads the program onto the device
+  built.sync()
+  windows = [built.timed(opts["steps"]) / opts["steps"] for _ in range(opts["repeats"])]
+  loss, finite = jax.device_get((built.metrics["loss"], built.metrics["finite"]))
+  if not finite:
+    raise FloatingPointError(f"the loss went non-finite ({loss}) on random tokens")
+  tokens = config.batch_size * config.max_seq_len
+  step_s = statistics.median(windows)
+  fpt = flops_per_token(built.n_params, config.num_layers, config.max_seq_len, config.d_model)
+  out.update(
+      n_params=built.n_params, flops_per_token=fpt, tokens_per_step=tokens,
+      ms_per_step=1e3 * step_s, ms_min=1e3 * min(windows), ms_max=1e3 * max(windows),
+      ms_mean=1e3 * statistics.fmean(windows), tokens_per_s=tokens / step_s,
+      n_devices=built.n_devices,
+      mfu=tokens / step_s * fpt / (opts["peak_tflops"] * 1e12 * built.n_devices),
+      steps=opts["steps"], repeats=opts["repeats"], last_loss=float(loss),
+      peak_bytes=_peak_bytes(), program_bytes=built.program_bytes(),
+      compute_dtype=jax.numpy.dtype(built.mcfg.dtype).name,
+      attention=built.mcfg.attention or "xla (auto)")
+  if opts["profile"]:
+    try:  # a profiler that cannot start (no CUPTI, say) must not cost the row its figures
+      out["profile"] = profile(built, opts["profile"], opts["label"], step_s)
+    except Exception as e:
+      out["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  return out
+
+
+def _slug(label: str) -> str:
+  return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+
+
+# ----------------------------------------------------------------------------- profile
+
+def _category(name: str) -> str:
+  n = name.lower()
+  if "memcpy" in n or "memset" in n:
+    return "memcpy/memset"
+  if any(k in n for k in ("sdpa", "fmha", "flash", "cudnn")):
+    return "attention (cuDNN)"
+  if any(k in n for k in ("gemm", "xmma", "cutlass", "cublas", "gemv", "matmul", "sm90_", "dot")):
+    return "matmul"
+  if "reduce" in n or "softmax" in n:
+    return "reductions"
+  return "other fusions"
+
+
+def summarize_trace(path: str, n_steps: int) -> dict:
+  """Per-step device time by kernel and by category, from a jax.profiler trace (xplane.pb)."""
+  from jax.profiler import ProfileData
+  data = ProfileData.from_file(path)
+  planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+  on_gpu = bool(planes)
+  if not on_gpu:  # the CPU backend: its thunks carry the HLO op that ran
+    planes = [p for p in data.planes if p.name.startswith("/host:CPU")]
+  kernels = {}
+  lines = {}
+  for plane in planes:
+    for line in plane.lines:
+      events = list(line.events)
+      lines[f"{plane.name}/{line.name}"] = (len(events), sum(e.duration_ns for e in events))
+      if on_gpu and not line.name.startswith("Stream"):
+        continue
+      for e in events:
+        stats = dict(e.stats)
+        if not on_gpu and "hlo_op" not in stats:
+          continue
+        key = (e.name, str(stats.get("hlo_op", "")))
+        count, total = kernels.get(key, (0, 0.0))
+        kernels[key] = (count + 1, total + e.duration_ns)
+  busy = sum(t for _, t in kernels.values())
+  categories = {}
+  for (name, _), (_, t) in kernels.items():
+    categories[_category(name)] = categories.get(_category(name), 0.0) + t
+  top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:_TRACE_TOP]
+  per_step = lambda ns: ns / n_steps / 1e6
+  return {
+      "device_busy_ms_per_step": per_step(busy),
+      "kernels_per_step": sum(c for c, _ in kernels.values()) / n_steps,
+      "categories_ms_per_step": {k: per_step(v) for k, v in
+                                 sorted(categories.items(), key=lambda kv: -kv[1])},
+      "top_kernels": [{"name": name[:120], "hlo_op": op[:80], "calls_per_step": c / n_steps,
+                       "ms_per_step": per_step(t)} for (name, op), (c, t) in top],
+      "lines": {k: {"events": n, "ms": t / 1e6} for k, (n, t) in lines.items()},
+  }
+
+
+def profile(built, directory: str, label: str, step_s: float, n_steps: int = 3) -> dict:
+  import glob
+  import jax
+  trace_dir = os.path.join(directory, _slug(label))
+  built.sync()
+  with jax.profiler.trace(trace_dir):
+    built.run(n_steps)
+    built.sync()
+  (path,) = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1:]
+  summary = summarize_trace(path, n_steps)
+  summary["wall_ms_per_step"] = 1e3 * step_s
+  with open(os.path.join(directory, _slug(label) + ".profile.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print(format_profile(label, summary), flush=True)
+  return {k: summary[k] for k in ("device_busy_ms_per_step", "kernels_per_step",
+                                  "categories_ms_per_step")}
+
+
+def format_profile(label: str, s: dict) -> str:
+  lines = [f"profile {label}: wall {s['wall_ms_per_step']:.2f} ms/step, device busy "
+           f"{s['device_busy_ms_per_step']:.2f} ms in {s['kernels_per_step']:.0f} kernels"]
+  lines += [f"  {k:<20} {v:8.2f} ms" for k, v in s["categories_ms_per_step"].items()]
+  lines += [f"  {k['ms_per_step']:8.3f} ms x{k['calls_per_step']:<4g} {k['name'][:70]}  "
+            f"[{k['hlo_op'][:40]}]" for k in s["top_kernels"][:15]]
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- loop, save stall
+
+def _use_compilation_cache() -> None:
+  """A persistent compilation cache for the rest of this process, unless one is set already."""
+  import atexit
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    directory = tempfile.mkdtemp(prefix="gptjax-bench-jit-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+
+
+def measure_loop(config, opts) -> dict:
+  """The bare step, then the whole trainer on the config's data, at the same batch size."""
+  from gptjax import data, trainer
+  workdir = tempfile.mkdtemp(prefix="gptjax-bench-loop-")
+  # The trainer compiles the very program measured below: the cache lets it load that instead.
+  _use_compilation_cache()
+  try:
+    tokens = data.load_tokens(config.dataset, "train", config.tokenizer, config.max_samples,
+                              config.data_cache_dir)
+    windows = data.TrainWindows(tokens, config.max_seq_len, config.batch_size, config.seed)
+    out = measure_step(config, opts, windows.steps_per_epoch * config.epochs)
+    config = config.copy_and_resolve_references()
+    config.output_dir = config.output_dir or os.path.join(workdir, "run")
+    t = time.perf_counter()
+    summary = trainer.train_and_evaluate(config)
+    intervals = summary["throughput"][1:]  # the first holds compilation and the first step
+    if not intervals:
+      raise ValueError("the run logged fewer than two intervals; raise epochs or lower "
+                       "log_interval")
+    steps = sum(i["steps"] for i in intervals)
+    seconds = sum(i["seconds"] for i in intervals)
+    loop_tps = steps * out["tokens_per_step"] / seconds
+    rates = [i["steps"] / i["seconds"] * out["tokens_per_step"] for i in intervals]
+    out.update(loop_tokens_per_s=loop_tps, loop_steps_timed=steps,
+               loop_interval_tokens_per_s_min=min(rates),
+               loop_interval_tokens_per_s_max=max(rates),
+               loop_vs_step=loop_tps / out["tokens_per_s"], loop_wall_s=time.perf_counter() - t,
+               loop_status=summary.get("status"))
+    return out
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure_save_stall(config, opts) -> dict:
+  """Windows of --steps steps with and without an async snapshot save at their start."""
+  import jax
+  from gptjax import checkpoint
+  built = _Built(config, 10000)
+  out = {"compile_s": built.compile()}
+  built.run(max(opts["warmup"], 1))
+  workdir = tempfile.mkdtemp(prefix="gptjax-bench-save-")
+  snapshots = checkpoint.Snapshots(os.path.join(workdir, "snapshots"), 2)
+  plain, saving, calls = [], [], []
+  n = opts["steps"]
+  try:
+    for _ in range(opts["repeats"]):
+      plain.append(built.timed(n))
+      built.sync()
+      t = time.perf_counter()
+      snapshots.save(int(built.state.step), {"train": built.state}, {"step": built.calls})
+      calls.append(time.perf_counter() - t)
+      built.run(n)
+      built.sync()
+      saving.append(time.perf_counter() - t)
+      snapshots.wait()  # the write finishes before the next pair, outside the timed windows
+  finally:
+    snapshots.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+  tokens = config.batch_size * config.max_seq_len
+  step_s = statistics.median(plain) / n
+  out.update(
+      n_params=built.n_params, tokens_per_step=tokens, steps=n, repeats=opts["repeats"],
+      ms_per_step=1e3 * step_s, tokens_per_s=tokens / step_s,
+      save_call_ms=1e3 * statistics.median(calls),
+      stall_ms_per_save=1e3 * (statistics.median(saving) - statistics.median(plain)),
+      stall_ms_min=1e3 * (min(saving) - max(plain)), stall_ms_max=1e3 * (max(saving) - min(plain)),
+      snapshot_bytes=sum(x.nbytes for x in jax.tree.leaves(built.state)),
+      peak_bytes=_peak_bytes())
+  return out
+
+
+# ----------------------------------------------------------------------------- running rows
+
+def run_row(label: str, config_dict: dict, opts: dict) -> dict:
+  """One row, in whatever process calls it; failures become an `error` entry."""
+  import ml_collections
+  config = ml_collections.ConfigDict(config_dict)
+  opts = dict(opts, label=label)
+  _, device = _device()
+  print(f"[{label}] {device}: measuring ({opts['mode']})", flush=True)
+  row = {"label": label, "device": device, "mode": opts["mode"],
+         "batch_size": config.batch_size, "seq_len": config.max_seq_len,
+         "dropout": config.dropout, "remat": config.remat,
+         "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  try:
+    measure = {"step": measure_step, "loop": measure_loop, "save_stall": measure_save_stall}
+    row.update(measure[opts["mode"]](config, opts))
+  except Exception as e:  # an out-of-memory row must not end the table
+    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
+  print(f"[{label}] " + format_row(row, opts["peak_tflops"]), flush=True)
+  return row
+
+
+def _run_isolated(label, config_dict, opts) -> dict:
+  context = multiprocessing.get_context("spawn")  # a fresh process: no CUDA state is inherited
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    try:
+      return pool.submit(run_row, label, config_dict, opts).result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+      return {"label": label, "error": f"the row's process died ({e})"}
+
+
+def _gb(n) -> str:
+  return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def format_row(row: dict, peak_tflops: float) -> str:
+  if "error" in row:
+    return f"error: {row['error']}"
+  if row["mode"] == "save_stall":
+    return (f"{row['ms_per_step']:.2f} ms/step; save call {row['save_call_ms']:.0f} ms, stall "
+            f"{row['stall_ms_per_save']:.0f} ms per save ({row['stall_ms_min']:.0f} to "
+            f"{row['stall_ms_max']:.0f}); snapshot {_gb(row['snapshot_bytes'])} GiB")
+  text = (f"{row['tokens_per_s']:,.0f} tok/s, {row['ms_per_step']:.2f} ms/step "
+          f"({row['ms_min']:.2f}-{row['ms_max']:.2f}), MFU {100 * row['mfu']:.1f}% of "
+          f"{peak_tflops:g} TFLOP/s, compile {row['compile_s']:.1f} s, peak "
+          f"{_gb(row['peak_bytes'])} GiB")
+  if "loop_tokens_per_s" in row:
+    text += (f"; loop {row['loop_tokens_per_s']:,.0f} tok/s = {100 * row['loop_vs_step']:.1f}% "
+             f"of the bare step over {row['loop_steps_timed']} steps")
+  if "loss_abs_diff" in row:
+    text += f"; loss {row['loss']:.5f} vs float32 {row['loss_float32']:.5f}"
+  return text
+
+
+def format_table(rows: list, peak_tflops: float) -> str:
+  head = (f"{'config':<36} {'tok/s':>11} {'ms/step (min-max)':>22} {'MFU':>6} {'compile':>8} "
+          f"{'peak GiB':>8}  device")
+  out = [head, "-" * len(head)]
+  for r in rows:
+    if "error" in r or r.get("mode") == "save_stall":
+      out.append(f"{r['label']:<36} {format_row(r, peak_tflops)}")
+      continue
+    spread = f"{r['ms_per_step']:.2f} ({r['ms_min']:.2f}-{r['ms_max']:.2f})"
+    out.append(f"{r['label']:<36} {r['tokens_per_s']:>11,.0f} {spread:>22} "
+               f"{100 * r['mfu']:>5.1f}% {r['compile_s']:>7.1f}s {_gb(r['peak_bytes']):>8}  "
+               f"{r['device']}")
+    if "loop_tokens_per_s" in r:
+      out.append(f"{'  full loop (trainer)':<36} {r['loop_tokens_per_s']:>11,.0f} "
+                 f"{'':>22} {100 * r['mfu'] * r['loop_vs_step']:>5.1f}%  = "
+                 f"{100 * r['loop_vs_step']:.1f}% of the bare step")
+  return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m gptjax.bench", allow_abbrev=False,
+      description="Time gptjax's real train step (and loop). Any trainer option is accepted too "
+                  "(--config FILE, --model_preset X, --config.FIELD=VALUE, --dropout 0, ...).")
+  p.add_argument("--presets", default="",
+                 help="comma-separated presets, e.g. tiny,small,medium; PRESET:B pins that "
+                      "preset's batch size, e.g. tiny:256,small:128,medium:32")
+  p.add_argument("--batch_sizes", default="", help="comma-separated batch sizes (sequences)")
+  p.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
+                 help="one row per value of a config field (repeatable), e.g. dropout=0,0.1")
+  p.add_argument("--monitors", default="config",
+                 help="comma-separated: config (as configured), off (every monitor off), or N "
+                      "(gradient, weight and sanity monitors all every N steps)")
+  p.add_argument("--steps", type=int, default=50,
+                 help="steps per timed window (each window also pays one pipeline fill: short "
+                      "windows read slower than the steady state)")
+  p.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+  p.add_argument("--peak_tflops", type=float, default=H100_SXM_BF16_TFLOPS,
+                 help="the peak MFU is measured against (default: H100 SXM dense bf16)")
+  p.add_argument("--json", default="", help="also write every figure to this JSON file")
+  p.add_argument("--loop", action="store_true",
+                 help="also run the real training loop (trainer.train_and_evaluate on the "
+                      "config's dataset and epochs) and compare its tokens/s")
+  p.add_argument("--save_stall", action="store_true",
+                 help="measure the stall of an asynchronous snapshot save instead")
+  p.add_argument("--check_loss", action="store_true",
+                 help="compare the initial loss with a float32, XLA-attention model's")
+  p.add_argument("--profile", default="", metavar="DIR",
+                 help="trace 3 steps per row into DIR and print where the device time goes")
+  p.add_argument("--dump_hlo", default="", metavar="DIR",
+                 help="write each row's optimized HLO to DIR")
+  p.add_argument("--noisolate", dest="isolate", action="store_false",
+                 help="run every row in this process (faster; a row's compile time and peak "
+                      "memory then include what earlier rows left: by default each row runs in a "
+                      "fresh process)")
+  return p
+
+
+def main(argv=None) -> int:
+  from gptjax import cli, sharding
+  sharding.set_multi_gpu_xla_flags()  # as gptjax.train does, before any device is touched
+  from gptjax.config import ConfigError
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args, config_argv = build_parser().parse_known_args(argv)
+  try:
+    if args.loop and args.save_stall:
+      raise ConfigError("loop: --loop and --save_stall are separate measurements; give one")
+    for name in ("steps", "repeats"):
+      if getattr(args, name) < 1:
+        raise ConfigError(f"{name}: {getattr(args, name)} is not allowed; must be >= 1")
+    if args.peak_tflops <= 0:
+      raise ConfigError(f"peak_tflops: {args.peak_tflops} is not allowed; must be > 0")
+    rows = expand_rows(args, config_argv)
+  except ConfigError as e:
+    cli.fail(str(e))
+  opts = {"mode": "loop" if args.loop else "save_stall" if args.save_stall else "step",
+          "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+          "peak_tflops": args.peak_tflops, "check_loss": args.check_loss,
+          "profile": os.path.abspath(args.profile) if args.profile else "",
+          "dump_hlo": os.path.abspath(args.dump_hlo) if args.dump_hlo else ""}
+  results = []
+  for label, config in rows:
+    run = _run_isolated if args.isolate else run_row
+    results.append(run(label, config.to_dict(), opts))
+  import jax
+  report = {"date": time.strftime("%Y-%m-%d"), "peak_tflops": args.peak_tflops,
+            "jax": jax.__version__, "argv": argv, "rows": results}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+  print(f"\ngptjax.bench {report['date']}, jax {jax.__version__}, MFU against "
+        f"{args.peak_tflops:g} TFLOP/s")
+  print(format_table(results, args.peak_tflops))
+  return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

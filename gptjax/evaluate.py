@@ -1,0 +1,178 @@
+"""Loading a saved model alone, and measuring it on a whole split: `python -m gptjax.evaluate`.
+
+    python -m gptjax.evaluate --model PATH [--dataset D] [--split test|valid|train]
+        [--batch_size N] [--data_cache_dir DIR] [--json]
+
+PATH is a final model (`models/model_<TIMESTAMP>/`) or a snapshot (`snapshots/snapshot_<step>/`);
+its record (architecture, tokenizer, vocabulary size, dataset) is all that is needed. The split
+runs through the trainer's own jitted eval step and `trainer.evaluate`, so the loss is the one the
+trainer reported for the same weights and split: the token-weighted mean over every token after
+the first. Perplexity is exp(loss). Bits per byte is the summed loss in bits over the UTF-8 bytes
+of the split's text, counted from its tokens (byte-level BPE decodes losslessly, so this is the
+text's byte count; end-of-text counts 0 bytes, as it is no text). Also holds `load_model` and the
+flag parsing that `gptjax.generate` shares.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.config import HUB_DATASETS, ConfigError, dataset_name
+from gptjax.model import ModelConfig
+
+SPLITS = ("test", "valid", "train")
+_FALLBACK_BATCH = 16
+
+
+def parse_flags(argv, define, usage: str):
+  """A fresh absl FlagValues with `define`'s flags, parsed from `argv`; errors are ConfigError.
+  -h/--help prints the flags and exits 0."""
+  from absl import flags
+
+  fv = flags.FlagValues()
+  define(fv)
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(f"usage: {usage}\n{fv.get_help(include_special_flags=False)}")
+    sys.exit(0)
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected argument {rest[1]!r}; options look like --name value")
+  return fv
+
+
+def is_model_dir(path: str) -> bool:
+  from gptjax import checkpoint
+  if os.path.isfile(os.path.join(path, "model.json")):
+    return True
+  try:
+    checkpoint.snapshot_step(path)
+    return True
+  except ConfigError:
+    return False
+
+
+def model_config_from_info(info: dict) -> ModelConfig:
+  """The ModelConfig recorded in model.json (or a snapshot), for inference on this machine."""
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  arch = {k: v for k, v in info["model"].items() if k in names}
+  arch["dtype"] = jnp.dtype(arch["dtype"])  # kept: a bfloat16-trained model is measured in it
+  if arch.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+    arch["attention"] = "xla"
+  return ModelConfig(**dict(arch, remat=False))  # nothing is differentiated here
+
+
+def load_model(path: str):
+  """(ModelConfig, params on device, info) of a final model or snapshot directory."""
+  from gptjax import checkpoint
+  if not path:
+    raise ConfigError("model: no model given; pass --model PATH (a models/model_<TIMESTAMP>/ or "
+                      "snapshots/snapshot_<step>/ directory)")
+  if not os.path.isdir(path):
+    raise ConfigError(f"model: {path!r} does not exist or is not a directory")
+  if not is_model_dir(path):
+    raise ConfigError(f"model: {path!r} is not a gptjax model; expected a final model directory "
+                      "(models/model_<TIMESTAMP>/ with model.json and params/) or a snapshot "
+                      "(snapshots/snapshot_<step>/)")
+  try:
+    params, info = checkpoint.load_params(path)
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(f"model: cannot read {path!r} ({type(e).__name__}); it is incomplete or "
+                      "damaged") from None
+  return model_config_from_info(info), jax.device_put(params), info
+
+
+def token_bytes(encoding) -> np.ndarray:
+  """UTF-8 length of every token id; special tokens (end-of-text) and unused ids count 0."""
+  special = {encoding.encode_single_token(s) for s in encoding.special_tokens_set}
+  out = np.zeros(encoding.n_vocab, np.int64)
+  for i in range(encoding.n_vocab):
+    if i not in special:
+      try:
+        out[i] = len(encoding.decode_single_token_bytes(i))
+      except KeyError:  # a hole in the vocabulary (cl100k_base has some)
+        pass
+  return out
+
+
+def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batch_size: int = 0,
+                   data_cache_dir: str = "") -> dict:
+  """Loss, perplexity and bits per byte of the model at `model_path` on a whole split."""
+  from gptjax import data, trainer
+  from gptjax.model import GPT
+  from gptjax.step import make_eval_step
+
+  if split not in SPLITS:
+    raise ConfigError(f"split: {split!r} is not allowed; allowed: {', '.join(SPLITS)}")
+  if batch_size < 0:
+    raise ConfigError(f"batch_size: {batch_size} is not allowed; must be a positive integer "
+                      "(0 = the training run's evaluation batch size)")
+  model_config, params, info = load_model(model_path)
+  run = info.get("config", {})  # final models record the run's config; snapshots do not here
+  dataset = dataset or info["dataset"]
+  if dataset not in HUB_DATASETS and not os.path.isdir(dataset):
+    raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, or an "
+                      "existing folder holding train.txt/valid.txt/test.txt")
+  batch_size = batch_size or run.get("eval_batch_size") or run.get("batch_size") or _FALLBACK_BATCH
+  # The train split as the run saw it: its max_samples limit applies to train only.
+  max_samples = run.get("max_samples", 0) if split == "train" else 0
+  tokens = data.load_tokens(dataset, split, info["tokenizer"], max_samples, data_cache_dir)
+  if len(tokens) < 2:
+    raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
+  loss = trainer.evaluate(make_eval_step(GPT(model_config)), params, tokens,
+                          model_config.max_seq_len, batch_size)
+  n_predicted = len(tokens) - 1
+  n_bytes = int(token_bytes(data.get_tokenizer(info["tokenizer"]))[np.asarray(tokens)].sum())
+  return {"model": os.path.abspath(model_path), "dataset": dataset, "split": split,
+          "loss": loss, "perplexity": math.exp(loss),
+          "bits_per_byte": loss * n_predicted / math.log(2) / max(n_bytes, 1),
+          "tokens": n_predicted, "bytes": n_bytes, "batch_size": batch_size}
+
+
+def _define_flags(fv):
+  from absl import flags
+  flags.DEFINE_string("model", None, "final model directory (models/model_<TIMESTAMP>/) or "
+                      "snapshot directory (snapshots/snapshot_<step>/)", flag_values=fv)
+  flags.DEFINE_string("dataset", "", "wikitext, wikitext-103 or a folder of train/valid/test.txt; "
+                      "'' = the dataset the model was trained on", flag_values=fv)
+  flags.DEFINE_enum("split", "test", list(SPLITS), "split to measure", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 0, "sequences per evaluation step; 0 = the training run's",
+                       flag_values=fv)
+  flags.DEFINE_string("data_cache_dir", "", "token cache; '' = $GPTJAX_CACHE or ~/.cache/gptjax",
+                      flag_values=fv)
+  flags.DEFINE_boolean("json", False, "print one JSON line instead of text", flag_values=fv)
+
+
+def run(argv) -> dict:
+  """Parses `argv`, evaluates, prints the result (text or one JSON line) and returns it."""
+  fv = parse_flags(argv, _define_flags, "python -m gptjax.evaluate --model PATH [options]")
+  result = evaluate_model(fv.model or "", fv.dataset, fv.split, fv.batch_size, fv.data_cache_dir)
+  if fv.json:
+    print(json.dumps(result))
+  else:
+    print(f"{dataset_name(result['dataset'])}/{result['split']}: loss {result['loss']:.4f} | "
+          f"ppl {result['perplexity']:.2f} | bits/byte {result['bits_per_byte']:.4f} | "
+          f"{result['tokens']:,} tokens, {result['bytes']:,} bytes | {result['model']}")
+  return result
+
+
+def main(argv=None) -> int:
+  from gptjax import cli
+  try:
+    run(list(sys.argv if argv is None else argv))
+  except ConfigError as e:
+    cli.fail(str(e))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

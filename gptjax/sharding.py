@@ -1,0 +1,197 @@
+"""Where arrays live: the device mesh, parameter/optimizer/batch shardings, multi-process start-up.
+
+One SPMD program runs over a `jax.sharding.Mesh` of every device of every process, with two axes:
+`data` (pure data parallelism: parameters replicated) and `fsdp` (fully-sharded data parallelism:
+each large weight, and its optimizer moments, split over the axis, as nanodo's `fsdp.py` does).
+A batch is split over both axes together, so every device gets `batch_size / device_count` rows.
+XLA inserts the collectives (all-gather of weights, reduce-scatter/all-reduce of gradients), so
+the step function is the same code on one device and on many, and its reductions (loss, norms,
+non-finite counts) are global. Several processes (one per machine, usually) join through
+`jax.distributed.initialize`; each feeds only its rows of every global batch.
+"""
+import os
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp")
+BATCH_SPEC = P(MESH_AXES)   # the batch axis split over every device
+
+# Why these GPU flags: the latency-hiding scheduler lets XLA overlap the gradient all-reduce (data)
+# and the weight all-gather / gradient reduce-scatter (fsdp) with the matmuls of neighbouring
+# layers, instead of running each collective between them; combining collectives into 128 MiB
+# transfers turns one small NCCL call per tensor into a few large ones near link bandwidth.
+# MaxText and JAX's GPU performance guide use the same settings. None of this matters on one GPU.
+MULTI_GPU_XLA_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
+)
+
+
+def visible_gpu_count() -> int:
+  """NVIDIA GPUs this process may use, read from /dev and CUDA_VISIBLE_DEVICES (no CUDA call)."""
+  if os.environ.get("JAX_PLATFORMS", "") not in ("", "cuda", "gpu"):
+    return 0
+  try:
+    present = [d for d in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", d)]
+  except OSError:
+    return 0
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is None:
+    return len(present)
+  return min(len(present), len([d for d in visible.split(",") if d.strip() not in ("", "-1")]))
+
+
+def set_multi_gpu_xla_flags() -> bool:
+  """Adds MULTI_GPU_XLA_FLAGS to XLA_FLAGS when several GPUs are visible; True if it did.
+
+  Must run before JAX initializes its backends (XLA reads the variable once). A flag the user
+  already set in XLA_FLAGS wins. Nothing changes on CPU or with one GPU.
+  """
+  if visible_gpu_count() < 2:
+    return False
+  current = os.environ.get("XLA_FLAGS", "")
+  given = {f.split("=", 1)[0] for f in current.split()}
+  extra = [f for f in MULTI_GPU_XLA_FLAGS if f.split("=", 1)[0] not in given]
+  os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()
+  return bool(extra)
+
+
+def _launcher_process_count() -> int:
+  """Processes started by Slurm (srun) or Open MPI (mpirun), the launchers JAX detects; else 1."""
+  if "SLURM_PROCID" in os.environ:
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+  return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+
+
+def initialize_distributed(config) -> bool:
+  """Joins the processes of a multi-process run through `jax.distributed.initialize`.
+
+  Explicit `coordinator_address` / `num_processes` / `process_id` win; the ones left unset are
+  filled in by JAX's own cluster detection (Slurm, Open MPI, ...). A run with one process does
+  nothing. Must run before anything touches a JAX device. Returns True if it initialized.
+  """
+  explicit = {"coordinator_address": config.coordinator_address or None,
+              "num_processes": config.num_processes or None,
+              "process_id": None if config.process_id < 0 else config.process_id}
+  if explicit["num_processes"] == 1 or (
+      not any(v is not None for v in explicit.values()) and _launcher_process_count() < 2):
+    return False
+  try:
+    jax.distributed.initialize(**explicit)
+  except (ValueError, RuntimeError) as e:
+    given = ", ".join(f"{k}={v!r}" for k, v in explicit.items() if v is not None) or "none given"
+    raise ConfigError(
+        f"coordinator_address: cannot start the multi-process run ({given}): "
+        f"{str(e).splitlines()[0][:200]}; pass --config.coordinator_address=HOST:PORT, "
+        "--config.num_processes=N and --config.process_id=I (0 on HOST) to every process") from None
+  return True
+
+
+def _fill(field: str, n_devices: int, other_field: str, other: int) -> int:
+  if n_devices % other:
+    raise ConfigError(f"{field}: -1 cannot fill {n_devices} devices beside {other_field}={other}; "
+                      f"use a divisor of {n_devices}")
+  return n_devices // other
+
+
+def mesh_shape(config, n_devices: int) -> tuple[int, int]:
+  """(data, fsdp) from the config; -1 fills the rest (fsdp fills when both are -1)."""
+  data, fsdp = config.mesh_data, config.mesh_fsdp
+  if fsdp == -1:
+    data = 1 if data == -1 else data
+    fsdp = _fill("mesh_fsdp", n_devices, "mesh_data", data)
+  elif data == -1:
+    data = _fill("mesh_data", n_devices, "mesh_fsdp", fsdp)
+  if data * fsdp != n_devices:
+    raise ConfigError(f"mesh_data: mesh_data={data} x mesh_fsdp={fsdp} = {data * fsdp} devices, "
+                      f"but {n_devices} are available; their product must equal it (-1 fills)")
+  return data, fsdp
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """The ('data', 'fsdp') mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(config, len(devices))
+  # Auto axes: XLA propagates shardings through the model code, which names none itself.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
+  """Every device gets the same whole number of rows and every process its own equal share."""
+  n_devices, n_processes = mesh.devices.size, jax.process_count()
+  if batch_size % n_devices or batch_size % n_processes:
+    raise ConfigError(
+        f"{field}: {batch_size} sequences cannot be split evenly over {n_devices} devices "
+        f"({n_processes} process{'es' if n_processes > 1 else ''}): the per-device batch would "
+        f"be {batch_size / n_devices:g}; use a multiple of {n_devices}, e.g. "
+        f"{max(1, round(batch_size / n_devices)) * n_devices}")
+
+
+def weight_spec(shape, fsdp_size: int) -> P:
+  """Shards a matrix along its largest axis that `fsdp_size` divides; anything else replicated.
+
+  Vectors (biases, LayerNorm scales) and scalars stay whole: they are a sliver of the memory, and
+  splitting them would add a collective each. The rule reads only the shape, so a parameter and
+  its AdamW moments always get the same layout.
+  """
+  if fsdp_size == 1 or len(shape) < 2:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: (-shape[a], a)):
+    if shape[axis] % fsdp_size == 0:
+      return P(*[MESH_AXES[1] if a == axis else None for a in range(len(shape))])
+  return P()
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+  """NamedShardings for a pytree of arrays or ShapeDtypeStructs (train state, params)."""
+  fsdp_size = mesh.shape[MESH_AXES[1]]
+  return jax.tree.map(lambda x: NamedSharding(mesh, weight_spec(x.shape, fsdp_size)),
+                      abstract_tree)
+
+
+def init_sharded(init_fn, mesh: Mesh, *args):
+  """(init_fn(*args), its shardings), each array created directly in its shards on the mesh.
+
+  The whole state never exists on one device, so a model larger than one card can start.
+  """
+  shardings = tree_shardings(jax.eval_shape(init_fn, *args), mesh)
+  return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+  """The rows of each global batch that this process's devices hold, as one slice."""
+  starts = sorted({idx[0].start or 0 for idx in
+                   sharding.addressable_devices_indices_map((batch_size,)).values()})
+  per_device = batch_size // sharding.mesh.devices.size
+  rows = slice(starts[0], starts[-1] + per_device)
+  if rows.stop - rows.start != per_device * len(starts):
+    raise ConfigError(f"mesh_data: this process's devices hold rows {starts} of the batch, not one "
+                      "contiguous block; use the default mesh_data=-1, mesh_fsdp=1")
+  return rows
+
+
+def batch_feeder(mesh: Mesh, batch_size: int):
+  """(rows, put) for global batches of `batch_size`: the rows this process reads, and the copy of
+  those rows (an array, or a tuple of arrays) into one global array each, split over the mesh."""
+  sharding = batch_sharding(mesh)
+  rows = process_rows(sharding, batch_size)
+
+  def put(local):
+    if isinstance(local, tuple):
+      return tuple(put(x) for x in local)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local),
+                                                  (batch_size,) + local.shape[1:])
+
+  return rows, put

@@ -1,0 +1,99 @@
+"""gptjax.bench on the CPU: each mode runs a shrunken config end to end and reports consistent
+figures; the bf16-friendly cross-entropy of gptjax.step equals optax's."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gptjax import bench, cli, step, trainer
+from gptjax.config import TOKENIZER_VOCAB
+from gptjax.model import count_params
+
+SHRUNK = ["--config.d_model=32", "--config.num_heads=2", "--config.num_layers=1",
+          "--config.d_ff=64", "--config.max_seq_len=16", "--steps", "2", "--repeats", "2",
+          "--warmup", "1"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_matches_optax(dtype):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  logits = (3 * jax.random.normal(k1, (3, 5, 97))).astype(dtype)
+  targets = jax.random.randint(k2, (3, 5), 0, 97)
+  weights = jax.random.normal(k3, (3, 5))
+  ours = lambda x: jnp.sum(step.cross_entropy(x, targets) * weights)
+  plain = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      x.astype(jnp.float32), targets) * weights)
+  np.testing.assert_allclose(ours(logits), plain(logits), rtol=1e-6)
+  g_ours, g_plain = jax.grad(ours)(logits), jax.grad(plain)(logits)
+  assert g_ours.dtype == dtype  # d(logits) is written once, in the logits' dtype
+  np.testing.assert_allclose(g_ours.astype(np.float32), g_plain.astype(np.float32),
+                             atol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_step_row_in_its_own_process(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  args = SHRUNK + ["--batch_sizes", "2", "--profile", str(tmp_path / "prof"), "--json", str(out)]
+  assert bench.main(args) == 0
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["label"] == "config b2" and row["device"].endswith("(cpu)")
+  assert row["ms_min"] <= row["ms_per_step"] <= row["ms_max"] and row["compile_s"] > 0
+  assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["ms_per_step"] / 1e3))
+  config, _, _, _ = cli.parse(["bench"] + SHRUNK[:5])
+  n = count_params(trainer.model_config(config, TOKENIZER_VOCAB["gpt2"]))
+  assert row["n_params"] == n and row["flops_per_token"] == 6 * n + 12 * 1 * 16 * 32
+  assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / 989e12)
+  assert np.isfinite(row["last_loss"]) and row["profile"]["device_busy_ms_per_step"] > 0
+  assert "config b2" in capsys.readouterr().out.splitlines()[-1]  # the table comes last
+
+
+def test_loop_compares_the_trainer_with_the_bare_step(corpus, token_cache, tmp_path):
+  out = tmp_path / "loop.json"
+  args = SHRUNK + ["--batch_sizes", "4", "--loop", "--noisolate", "--dataset", corpus,
+                   f"--config.data_cache_dir={token_cache}", "--config.max_samples=80",
+                   "--epochs", "1", "--config.log_interval=4", "--config.eval_batch_size=64",
+                   "--config.sample_prompts=", "--json", str(out)]
+  assert bench.main(args) == 0
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["loop_status"] == "completed" and row["loop_steps_timed"] >= 4
+  ratio = row["loop_tokens_per_s"] / row["tokens_per_s"]
+  assert row["loop_vs_step"] == pytest.approx(ratio)
+
+
+def test_save_stall(tmp_path):
+  out = tmp_path / "save.json"
+  args = SHRUNK + ["--batch_sizes", "2", "--save_stall", "--noisolate", "--json", str(out)]
+  assert bench.main(args) == 0
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["save_call_ms"] > 0 and row["snapshot_bytes"] > 4 * row["n_params"]
+  assert np.isfinite(row["stall_ms_per_save"])
+
+
+def test_rows_are_the_product_of_the_axes():
+  args, rest = bench.build_parser().parse_known_args(
+      ["--presets", "tiny,small", "--batch_sizes", "4,8", "--vary", "dropout=0,0.1",
+       "--monitors", "off,5"])
+  rows = bench.expand_rows(args, rest)
+  assert len(rows) == 16
+  label, config = rows[0]
+  assert label == "tiny b4 dropout=0.0 monitors=off"
+  assert (config.batch_size, config.dropout, config.weight_monitor) == (4, 0.0, False)
+  label, config = rows[-1]
+  assert label == "small b8 dropout=0.1 monitors=5" and config.d_model == 512
+  assert config.gradient_monitor and config.sanity_check_interval == 5
+  args, rest = bench.build_parser().parse_known_args(["--presets", "tiny:256,medium",
+                                                      "--batch_sizes", "32,64"])
+  assert [label for label, _ in bench.expand_rows(args, rest)] == [
+      "tiny b256", "medium b32", "medium b64"]
+
+
+@pytest.mark.parametrize("bad", [["--vary", "nope=1"], ["--vary", "dropout=high"],
+                                 ["--monitors", "sometimes"], ["--batch_sizes", "0"],
+                                 ["--presets", "huge"], ["--presets", "tiny:x"],
+                                 ["--steps", "0"]])
+def test_bad_input_exits_2(bad, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main(bad)
+  assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
