@@ -23,7 +23,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import shutil

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.config import ConfigError
+from gptjax.config import ConfigError, validate
 
 MESH_AXES = ("data", "fsdp")
 BATCH_SPEC = P(MESH_AXES)   # the batch axis split over every device
@@ -25,7 +25,8 @@ BATCH_SPEC = P(MESH_AXES)   # the batch axis split over every device
 # and the weight all-gather / gradient reduce-scatter (fsdp) with the matmuls of neighbouring
 # layers, instead of running each collective between them; combining collectives into 128 MiB
 # transfers turns one small NCCL call per tensor into a few large ones near link bandwidth.
-# MaxText and JAX's GPU performance guide use the same settings. None of this matters on one GPU.
+# JAX's GPU performance tips recommend the scheduler (NVIDIA's JAX images turn it on); NVIDIA's
+# JAX-Toolbox performance guide documents the combine thresholds. One GPU needs none of this.
 MULTI_GPU_XLA_FLAGS = (
     "--xla_gpu_enable_latency_hiding_scheduler=true",
     "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
@@ -36,7 +37,8 @@ MULTI_GPU_XLA_FLAGS = (
 
 def visible_gpu_count() -> int:
   """NVIDIA GPUs this process may use, read from /dev and CUDA_VISIBLE_DEVICES (no CUDA call)."""
-  if os.environ.get("JAX_PLATFORMS", "") not in ("", "cuda", "gpu"):
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and not {"cuda", "gpu"} & set(platforms.split(",")):
     return 0
   try:
     present = [d for d in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", d)]
@@ -83,6 +85,7 @@ def initialize_distributed(config) -> bool:
   if explicit["num_processes"] == 1 or (
       not any(v is not None for v in explicit.values()) and _launcher_process_count() < 2):
     return False
+  validate(config)  # a bad process_id fails here, not as a coordinator that waits for it
   try:
     jax.distributed.initialize(**explicit)
   except (ValueError, RuntimeError) as e:
@@ -166,15 +169,11 @@ def init_sharded(init_fn, mesh: Mesh, *args):
   return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, BATCH_SPEC)
-
-
-def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
+def process_rows(placement: NamedSharding, batch_size: int) -> slice:
   """The rows of each global batch that this process's devices hold, as one slice."""
   starts = sorted({idx[0].start or 0 for idx in
-                   sharding.addressable_devices_indices_map((batch_size,)).values()})
-  per_device = batch_size // sharding.mesh.devices.size
+                   placement.addressable_devices_indices_map((batch_size,)).values()})
+  per_device = batch_size // placement.mesh.devices.size
   rows = slice(starts[0], starts[-1] + per_device)
   if rows.stop - rows.start != per_device * len(starts):
     raise ConfigError(f"mesh_data: this process's devices hold rows {starts} of the batch, not one "
@@ -185,13 +184,13 @@ def process_rows(sharding: NamedSharding, batch_size: int) -> slice:
 def batch_feeder(mesh: Mesh, batch_size: int):
   """(rows, put) for global batches of `batch_size`: the rows this process reads, and the copy of
   those rows (an array, or a tuple of arrays) into one global array each, split over the mesh."""
-  sharding = batch_sharding(mesh)
-  rows = process_rows(sharding, batch_size)
+  placement = NamedSharding(mesh, BATCH_SPEC)
+  rows = process_rows(placement, batch_size)
 
   def put(local):
     if isinstance(local, tuple):
       return tuple(put(x) for x in local)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(local),
+    return jax.make_array_from_process_local_data(placement, np.asarray(local),
                                                   (batch_size,) + local.shape[1:])
 
   return rows, put

@@ -80,7 +80,8 @@ def _reductions_job() -> dict:
   return {"specs": [str(x.sharding.spec) for x in jax.tree.leaves(put(clean))],
           "global": float(out["global"]), "global_host": sq(clean) ** 0.5,
           "layer": {k: float(v) for k, v in out["layer"].items()},
-          "layer_host": {"wte": sq(clean["wte"]) ** 0.5, "block_0/mlp": sq(clean["block_0"]) ** 0.5},
+          "layer_host": {"wte": sq(clean["wte"]) ** 0.5,
+                         "block_0/mlp": sq(clean["block_0"]) ** 0.5},
           "sanity": jax.tree.map(int, out["sanity"])}
 
 
@@ -112,20 +113,13 @@ def _driver(jobs: list) -> None:
     config = base_config()
     config.update(first)
     sharding.initialize_distributed(config)
-  results = []
-  for job in jobs:
-    if job["kind"] == "train":
-      results.append(_train_job(job["config"]))
-    elif job["kind"] == "reductions":
-      results.append(_reductions_job())
-    elif job["kind"] == "state_specs":
-      results.append(_state_specs_job())
-    else:
-      results.append(_load_job(job["path"]))
-  import resource
-  u = resource.getrusage(resource.RUSAGE_SELF)
+  kinds = {"train": lambda job: _train_job(job["config"]),
+           "reductions": lambda job: _reductions_job(),
+           "state_specs": lambda job: _state_specs_job(),
+           "load": lambda job: _load_job(job["path"])}
+  results = [kinds[job["kind"]](job) for job in jobs]
   print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                                "cpu": u.ru_utime + u.ru_stime, "results": results}), flush=True)
+                                "results": results}), flush=True)
 
 
 # ----------------------------------------------------------------------------- test side
@@ -206,7 +200,6 @@ def runs(corpus, tmp_path_factory):
       "one": _launch([run("dp1"), run("resume1", checkpoint_file=epoch1, yes=True),
                       {"kind": "load", "path": fsdp4["model_path"]}], 1, cache)}
   out.update({k: _results(p) for k, p in wave2.items()})
-  print("CPU", {k: v["cpu"] if k != "pair" else [x["cpu"] for x in v] for k, v in out.items()})
   out["scalars"] = {name: tensorboard_scalars(str(root / name))
                     for name in ("dp4", "fsdp4", "two_procs", "dp2", "resume2", "dp1", "resume1")}
   return out
