@@ -279,6 +279,8 @@ def _slug(label: str) -> str:
 
 def _category(name: str) -> str:
   n = name.lower()
+  if "nccl" in n:  # where data-parallel scaling is lost: the gradient all-reduce, all-gathers
+    return "collectives (NCCL)"
   if "memcpy" in n or "memset" in n:
     return "memcpy/memset"
   if any(k in n for k in ("sdpa", "fmha", "flash", "cudnn")):

@@ -78,7 +78,17 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset):
                         "--resume, or pass --checkpoint_file PATH")
     step = max(steps)
   else:
-    return None
+    snap_dir = os.path.join(run_dir, "snapshots")
+    steps = checkpoint.complete_steps(snap_dir)
+    if not steps:
+      return None
+    # As the guide's trainer: a run that finds snapshots offers to continue them. Starting a new
+    # run over them is refused: rotation would delete the new run's snapshots first.
+    if not (config.yes or sys.stdin.isatty()):
+      raise ConfigError(f"resume: {snap_dir} holds snapshots of an earlier run (newest step "
+                        f"{max(steps)}); add --resume --yes to continue it, or give another "
+                        "--output_dir for a new run")
+    step = max(steps)
   path = checkpoint.snapshot_path(snap_dir, step)
   meta = checkpoint.read_meta(path)
   missing = [k for k in META_KEYS if k not in meta]
@@ -284,7 +294,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     snapshots.save(int(state.step), {"train": state, "best": best_params} if restore_best
                    else {"train": state}, meta)
 
-  clock = {"t": time.time(), "step": int(state.step), "start": time.time()}
+  clock = {"t": time.time(), "step": int(state.step), "start": time.time(), "warm": False}
   throughput = []  # (step, steps, seconds) of each log interval: what gptjax.bench --loop reads
   # (sum, count) of this epoch's training losses, so far: a resumed epoch reports the same mean.
   epoch_loss = list(meta["epoch_loss"]) if resume else [0.0, 0]
@@ -322,9 +332,13 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
       clock.update(t=now, step=step + 1)
       lr, grad_norm = jax.device_get((metrics["lr"], metrics["grad_norm"]))
       eta = (total_steps - step - 1) * tokens_per_step / max(tok_s, 1e-9)
+      # The first interval of a process holds the compilation: its speed would mislead.
+      speed = (f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}" if clock["warm"]
+               else f"{seconds:.1f} s incl. compilation")
+      clock["warm"] = True
       report.info(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
                   f"ppl {math.exp(min(loss, 50)):.1f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                  f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}")
+                  f"{speed}")
       # The bar (a terminal only) shows the numbers just read: no extra device read.
       report.progress(0, loss=f"{loss:.3f}", lr=f"{lr:.1e}", **{"tok/s": f"{tok_s:,.0f}"})
       scalars.update({"train/loss": float(loss), "train/perplexity": math.exp(min(loss, 50)),

@@ -23,7 +23,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from gptjax import checkpoint, optim, train, trainer
-from gptjax.config import FIELDS, base_config
+from gptjax.config import FIELDS, ConfigError, base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a snapshot still being written
@@ -335,3 +335,14 @@ def test_final_model_appears_only_complete(tmp_path):
   assert sorted(os.listdir(models)) == ["model_X"]
   loaded, info = checkpoint.load_params(path)
   assert info == {"ok": 1} and np.array_equal(loaded["w"], params["w"])
+
+
+def test_a_new_run_over_earlier_snapshots_is_refused(reference):
+  """Without a terminal, a run that finds snapshots neither overwrites nor mixes with them."""
+  config, _ = reference
+  fresh = config.copy_and_resolve_references()
+  fresh.update(resume=False, yes=False)
+  before = snapshot_names(config)
+  with pytest.raises(ConfigError, match=r"holds snapshots .*--resume --yes"):
+    trainer.check(fresh)
+  assert snapshot_names(config) == before
