@@ -56,25 +56,24 @@ def _config_overrides(argv) -> dict:
   return out
 
 
-def _config_file(argv) -> str:
-  """The value of the last --config FILE / --config=FILE on the command line."""
-  path = DEFAULT_CONFIG
+def _last_value(argv, name: str):
+  """The value of the last `--name VALUE` / `--name=VALUE` on the command line, or None."""
+  value = None
   for i, arg in enumerate(argv):
-    if arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-    elif arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-  return path
+    if arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+  return value
+
+
+def _config_file(argv) -> str:
+  return _last_value(argv, "config") or DEFAULT_CONFIG
 
 
 def _preset_argv(argv) -> list:
   """Rewrites --model_preset X into --config configs/X.py (unless --config is also given)."""
-  preset = None
-  for i, arg in enumerate(argv):
-    if arg == "--model_preset" and i + 1 < len(argv):
-      preset = argv[i + 1]
-    elif arg.startswith("--model_preset="):
-      preset = arg.split("=", 1)[1]
+  preset = _last_value(argv, "model_preset")
   has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
   if preset is None or has_config:
     return list(argv)
@@ -196,3 +195,12 @@ def help_text(width: int = 100) -> str:
 def fail(message: str) -> "NoReturn":
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def entry_point(run, argv=None) -> int:
+  """`python -m gptjax.<tool>`: run(argv); a ConfigError is one line on stderr and exit code 2."""
+  try:
+    run(list(sys.argv if argv is None else argv))
+  except ConfigError as e:
+    fail(str(e))
+  return 0

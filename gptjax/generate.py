@@ -254,11 +254,7 @@ def run(argv) -> dict:
 
 def main(argv=None) -> int:
   from gptjax import cli
-  try:
-    run(list(sys.argv if argv is None else argv))
-  except ConfigError as e:
-    cli.fail(str(e))
-  return 0
+  return cli.entry_point(run, argv)
 
 
 if __name__ == "__main__":
