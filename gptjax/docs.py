@@ -167,6 +167,20 @@ OFFLINE USE
   HF_DATASETS_OFFLINE=1); without them, give --dataset a folder of .txt files. Once a split is in
   the token cache, neither the text nor `datasets` is read again."""
 
+INFO_DEVICES = """\
+DEVICES AND MACHINES
+  Every visible device is used: a ('data', 'fsdp') mesh, batches split over all devices
+  (--batch_size is the global batch and must divide evenly). --config.mesh_fsdp=-1 also splits
+  parameters and optimizer state over the devices (for models larger than one card). Several
+  machines: the same command on each, with --config.coordinator_address=HOST0:PORT
+  --config.num_processes=N --config.process_id=i (detected by itself under Slurm or Open MPI).
+  With two or more GPUs gptjax turns on XLA's latency-hiding scheduler and combines collectives.
+
+USING THE MODEL
+  python -m gptjax.evaluate --model result/lm_X/models/model_<TS> --split test   (loss, ppl,
+  bits/byte; --json). python -m gptjax.generate --model ... --prompt "The game" --top_k 200
+  (a KV-cached, compiled decoder; --temperature 0 is greedy). Both take a snapshot as well."""
+
 INFO_CONFIG = """\
 CONFIGURATION
   Every option is a field of one config (gptjax/config.py): --lr 6e-4 and --config.lr=6e-4 are
@@ -186,7 +200,7 @@ def info() -> str:
       + presets_table(),
       INFO_DATA, INFO_OPTIM,
       "MONITORS\n" + textwrap.indent(monitor.MONITOR_DOC.strip("\n"), "  "),
-      INFO_EARLY_STOP, INFO_SNAPSHOTS, INFO_OUTPUT, INFO_CONFIG, INFO_OFFLINE,
+      INFO_EARLY_STOP, INFO_SNAPSHOTS, INFO_OUTPUT, INFO_DEVICES, INFO_CONFIG, INFO_OFFLINE,
   ]
   return "\n\n".join(sections)
 
