@@ -7,6 +7,7 @@ The same field given two different values two ways is an error naming both.
 import os
 import re
 import sys
+from typing import NoReturn
 import textwrap
 
 from absl import flags
@@ -192,7 +193,7 @@ def help_text(width: int = 100) -> str:
   return "\n".join(lines)
 
 
-def fail(message: str) -> "NoReturn":
+def fail(message: str) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
 from gptjax import sharding
@@ -167,6 +166,77 @@ def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None
   return float(loss_sum) / max(float(count), 1.0)
 
 
+class StepReader:
+  """The host side of each step, read one step late: the finite check every step, the epoch's
+  loss sum, and the monitor reports, log line and TensorBoard points when they are due."""
+
+  def __init__(self, config, report, total_steps: int, on_nonfinite, epoch_loss=(0.0, 0)):
+    self.config, self.report, self.total_steps = config, report, total_steps
+    self.on_nonfinite = on_nonfinite
+    self.tokens_per_step = config.batch_size * config.max_seq_len
+    self.epoch_loss = list(epoch_loss)
+    self.throughput = []  # {step, steps, seconds} per log interval: what gptjax.bench --loop reads
+    self.warm = False     # the first interval of a process holds the compilation
+    self.restart_clock(0)
+
+  def restart_clock(self, step: int) -> None:
+    """tok/s counts training steps only, not an evaluation or snapshot before them."""
+    self.clock_t, self.clock_step = time.time(), step
+
+  def take_epoch_loss(self) -> float:
+    total, n = self.epoch_loss
+    self.epoch_loss = [0.0, 0]
+    return total / max(n, 1)
+
+  def __call__(self, step: int, metrics: dict, epoch: int) -> None:
+    config, report = self.config, self.report
+    loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
+    if finite:
+      self.epoch_loss[0] += float(loss)
+      self.epoch_loss[1] += 1
+    interval = config.sanity_check_interval
+    if not finite or (interval and step % interval == 0):
+      where = monitor.nonfinite_where(jax.device_get(metrics["sanity"]))
+      if where or not finite:
+        self.on_nonfinite(step, where or "the global gradient norm (it overflowed; each gradient "
+                          "value is finite)", applied=bool(finite))
+    scalars = {}
+    if "grad" in metrics and step % config.gradient_monitor_interval == 0:
+      line, s, flags = monitor.gradient_report(
+          jax.device_get(metrics["grad"]), config.grad_vanish_threshold,
+          config.grad_explode_threshold)
+      report.info(f"[grad step {step + 1}] {line}")
+      for flag in flags:
+        report.info(f"[grad step {step + 1}] WARNING {flag}")
+      scalars.update(s)
+    if "weight" in metrics and step % config.weight_monitor_interval == 0:
+      line, s = monitor.weight_report(jax.device_get(metrics["weight"]))
+      report.info(f"[weights step {step + 1}] {line}")
+      scalars.update(s)
+    if step % config.log_interval == 0 or step == self.total_steps - 1:
+      scalars.update(self._log_line(step, epoch, float(loss), metrics))
+    report.scalars(step, scalars)
+
+  def _log_line(self, step: int, epoch: int, loss: float, metrics: dict) -> dict:
+    now = time.time()
+    steps_done, seconds = step + 1 - self.clock_step, max(now - self.clock_t, 1e-9)
+    tok_s = steps_done * self.tokens_per_step / seconds
+    self.throughput.append({"step": step, "steps": steps_done, "seconds": seconds})
+    self.restart_clock(step + 1)
+    lr, grad_norm = jax.device_get((metrics["lr"], metrics["grad_norm"]))
+    eta = (self.total_steps - step - 1) * self.tokens_per_step / max(tok_s, 1e-9)
+    speed = (f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}" if self.warm
+             else f"{seconds:.1f} s incl. compilation")
+    self.warm = True
+    ppl = math.exp(min(loss, 50))
+    self.report.info(f"step {step + 1}/{self.total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
+                     f"ppl {ppl:.1f} | lr {lr:.2e} | grad {grad_norm:.3f} | {speed}")
+    # The bar (a terminal only) shows the numbers just read: no extra device read.
+    self.report.progress(0, loss=f"{loss:.3f}", lr=f"{lr:.1e}", **{"tok/s": f"{tok_s:,.0f}"})
+    return {"train/loss": loss, "train/perplexity": ppl, "train/lr": float(lr),
+            "train/tokens_per_s": tok_s, "train/grad_norm": float(grad_norm)}
+
+
 def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: str = "") -> dict:
   """Trains `config` to the end (or to an early stop or a signal); returns a summary dict."""
   resume = check(config, explicit)
@@ -202,6 +272,29 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
   finally:
     snapshots.close()  # whatever ended the run, the saves in flight complete first
     report.close()
+
+
+def _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir):
+  """The lines that open a run's log: device, mesh, model, data, length."""
+  n_params = count_params(mcfg)
+  tokens_per_step = config.batch_size * config.max_seq_len
+  report.info(f"Device: {device_description()}; compute {jnp.dtype(mcfg.dtype).name}, "
+              f"attention {mcfg.attention or 'auto'}")
+  report.info(f"Mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over "
+              f"{jax.process_count()} process(es); {config.batch_size // mesh.devices.size} "
+              f"sequences per device")
+  report.info(f"Model: {n_params:,} parameters ({n_params / 1e6:.1f}M); d_model {mcfg.d_model}, "
+              f"{mcfg.num_heads} heads, {mcfg.num_layers} layers, d_ff {mcfg.d_ff}, "
+              f"context {mcfg.max_seq_len}, vocab {enc.n_vocab} (padded {mcfg.vocab_size})")
+  report.info(f"Data: {config.dataset} ({config.tokenizer}); train {len(splits['train']):,} "
+              f"tokens, {windows.steps_per_epoch * tokens_per_step:,} tokens per epoch in "
+              f"{windows.steps_per_epoch} steps; valid {len(splits['valid']):,}; "
+              f"test {len(splits['test']):,}")
+  report.info(f"Training {config.epochs} epochs = {total_steps} steps of {tokens_per_step:,} "
+              f"tokens; run directory {os.path.abspath(run_dir)}")
+  if config.warmup_steps > total_steps:
+    report.info(f"Warning: warmup_steps {config.warmup_steps} is longer than the whole run "
+                f"({total_steps} steps); the peak lr is reached at the last step")
 
 
 def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
@@ -246,25 +339,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     stopper = early_stop.EarlyStopState.from_json(meta["early_stop"])
     report.info(f"Resumed from step {int(state.step)} (epoch {epoch + 1}, batch {index})")
 
-  n_params = count_params(mcfg)
-  tokens_per_step = config.batch_size * config.max_seq_len
-  report.info(f"Device: {device_description()}; compute {jnp.dtype(mcfg.dtype).name}, "
-              f"attention {mcfg.attention or 'auto'}")
-  report.info(f"Mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over "
-              f"{jax.process_count()} process(es); {config.batch_size // mesh.devices.size} "
-              f"sequences per device")
-  report.info(f"Model: {n_params:,} parameters ({n_params / 1e6:.1f}M); d_model {mcfg.d_model}, "
-              f"{mcfg.num_heads} heads, {mcfg.num_layers} layers, d_ff {mcfg.d_ff}, "
-              f"context {mcfg.max_seq_len}, vocab {enc.n_vocab} (padded {mcfg.vocab_size})")
-  report.info(f"Data: {config.dataset} ({config.tokenizer}); train {len(splits['train']):,} "
-              f"tokens, {windows.steps_per_epoch * tokens_per_step:,} tokens per epoch in "
-              f"{windows.steps_per_epoch} steps; valid {len(splits['valid']):,}; "
-              f"test {len(splits['test']):,}")
-  report.info(f"Training {config.epochs} epochs = {total_steps} steps of {tokens_per_step:,} "
-              f"tokens; run directory {os.path.abspath(run_dir)}")
-  if config.warmup_steps > total_steps:
-    report.info(f"Warning: warmup_steps {config.warmup_steps} is longer than the whole run "
-                f"({total_steps} steps); the peak lr is reached at the last step")
+  _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir)
 
   def stop_nonfinite(step, where, applied):
     """Raises NonFiniteError once the snapshots in flight are on disk (each was checked)."""
@@ -289,62 +364,14 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
       stop_nonfinite(int(state.step) - 1, bad, applied=True)
     meta = {"step": int(state.step), "epoch": epoch, "index": index, "history": history,
             "time": reporting.timestamp(), "val_loss": val_loss, "early_stop": stopper.to_json(),
-            "initial_val_loss": initial_val_loss, "epoch_loss": epoch_loss,
+            "initial_val_loss": initial_val_loss, "epoch_loss": reader.epoch_loss,
             "config": resolved, "model": model_info(mcfg, config, enc.n_vocab)}
     snapshots.save(int(state.step), {"train": state, "best": best_params} if restore_best
                    else {"train": state}, meta)
 
-  clock = {"t": time.time(), "step": int(state.step), "start": time.time(), "warm": False}
-  throughput = []  # (step, steps, seconds) of each log interval: what gptjax.bench --loop reads
-  # (sum, count) of this epoch's training losses, so far: a resumed epoch reports the same mean.
-  epoch_loss = list(meta["epoch_loss"]) if resume else [0.0, 0]
-
-  def read(step, metrics):
-    """Host side of step `step`: finite check every step; logs and monitors when due."""
-    loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
-    if finite:
-      epoch_loss[0] += float(loss)
-      epoch_loss[1] += 1
-    interval = config.sanity_check_interval
-    if not finite or (interval and step % interval == 0):
-      where = monitor.nonfinite_where(jax.device_get(metrics["sanity"]))
-      if where or not finite:
-        stop_nonfinite(step, where or "the global gradient norm (it overflowed; each gradient "
-                       "value is finite)", applied=bool(finite))
-    scalars = {}
-    if "grad" in metrics and step % config.gradient_monitor_interval == 0:
-      line, s, flags = monitor.gradient_report(
-          jax.device_get(metrics["grad"]), config.grad_vanish_threshold,
-          config.grad_explode_threshold)
-      report.info(f"[grad step {step + 1}] {line}")
-      for flag in flags:
-        report.info(f"[grad step {step + 1}] WARNING {flag}")
-      scalars.update(s)
-    if "weight" in metrics and step % config.weight_monitor_interval == 0:
-      line, s = monitor.weight_report(jax.device_get(metrics["weight"]))
-      report.info(f"[weights step {step + 1}] {line}")
-      scalars.update(s)
-    if step % config.log_interval == 0 or step == total_steps - 1:
-      now = time.time()
-      steps_done, seconds = step + 1 - clock["step"], max(now - clock["t"], 1e-9)
-      tok_s = steps_done * tokens_per_step / seconds
-      throughput.append({"step": step, "steps": steps_done, "seconds": seconds})
-      clock.update(t=now, step=step + 1)
-      lr, grad_norm = jax.device_get((metrics["lr"], metrics["grad_norm"]))
-      eta = (total_steps - step - 1) * tokens_per_step / max(tok_s, 1e-9)
-      # The first interval of a process holds the compilation: its speed would mislead.
-      speed = (f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}" if clock["warm"]
-               else f"{seconds:.1f} s incl. compilation")
-      clock["warm"] = True
-      report.info(f"step {step + 1}/{total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
-                  f"ppl {math.exp(min(loss, 50)):.1f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                  f"{speed}")
-      # The bar (a terminal only) shows the numbers just read: no extra device read.
-      report.progress(0, loss=f"{loss:.3f}", lr=f"{lr:.1e}", **{"tok/s": f"{tok_s:,.0f}"})
-      scalars.update({"train/loss": float(loss), "train/perplexity": math.exp(min(loss, 50)),
-                      "train/lr": float(lr), "train/tokens_per_s": tok_s,
-                      "train/grad_norm": float(grad_norm)})
-    report.scalars(step, scalars)
+  # (sum, count) of this epoch's training losses so far: a resumed epoch reports the same mean.
+  reader = StepReader(config, report, total_steps, stop_nonfinite,
+                      meta["epoch_loss"] if resume else (0.0, 0))
 
   if not resume:  # the baseline every later validation is compared with, as nanoGPT's iter 0
     initial_val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len,
@@ -358,7 +385,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
   status = "completed"
   while epoch < config.epochs and status == "completed":
     # tok/s counts training steps only, not the evaluation and snapshot before this epoch.
-    clock.update(t=time.time(), step=int(state.step))
+    reader.restart_clock(int(state.step))
     report.start_epoch(epoch + 1, windows.steps_per_epoch, index)
     batches = data.prefetch(windows.epoch(epoch, index, rows), put_batch)
     pending = None
@@ -366,27 +393,26 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
       step = int(state.step) if pending is None else pending[0] + 1
       state, metrics = train_step(state, batch, rng)
       if pending:
-        read(*pending)
+        reader(*pending, epoch)
       pending = (step, metrics)
       index += 1
       report.progress()
       at_interval = config.snapshot_interval and (step + 1) % config.snapshot_interval == 0
       if stop.signum or (at_interval and index < windows.steps_per_epoch):
-        read(*pending)
+        reader(*pending, epoch)
         pending = None
         snapshot()
         if stop.signum:
           status = "interrupted"
           break
     if pending:
-      read(*pending)
+      reader(*pending, epoch)
     report.end_epoch()
     if status != "completed":
       break
     val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len, eval_batch,
                         mesh)
-    train_loss = epoch_loss[0] / max(epoch_loss[1], 1)
-    epoch_loss[:] = [0.0, 0]
+    train_loss = reader.take_epoch_loss()
     stopper, improved = early_stop.update(stopper, config, epoch + 1, val_loss, train_loss)
     if improved and restore_best:
       best_params = jax.tree.map(jnp.copy, state.params)
@@ -434,5 +460,5 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     shutil.rmtree(snapshots.directory, ignore_errors=True)
     report.info("Snapshots deleted (keep them with --no_delete_snapshots_after_training)")
   return {"status": status, "step": int(state.step), "history": history,
-          "throughput": throughput, "initial_val_loss": initial_val_loss,
+          "throughput": reader.throughput, "initial_val_loss": initial_val_loss,
           "test_loss": test_loss, "model_path": model_path, "params": final_params}
