@@ -81,7 +81,7 @@ def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
       return jnp.mean(token_losses(model, params, inputs, targets, rng=dropout_rng))
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,6 +1,8 @@
 """Shared fixtures: a small real-text corpus cut from ../shared/data/wikitext-2-local and a
 shrunken config that trains on it in seconds on the CPU."""
+import glob
 import os
+import struct
 
 import pytest
 
@@ -51,3 +53,20 @@ def make_tiny_config(corpus, token_cache):
 @pytest.fixture
 def tiny_config(make_tiny_config, tmp_path):
   return make_tiny_config(tmp_path / "run")
+
+
+def read_tensorboard_scalars(run_dir: str) -> dict:
+  """{tag: {step: value}} of a run's TensorBoard files (TFRecord framing, tensorboardX protos)."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in glob.glob(os.path.join(run_dir, "tensorboard", "events.*")):
+    with open(path, "rb") as f:
+      blob = f.read()
+    pos = 0
+    while pos < len(blob):
+      (length,) = struct.unpack("<Q", blob[pos:pos + 8])
+      event = event_pb2.Event.FromString(blob[pos + 12:pos + 12 + length])
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = v.simple_value
+      pos += 12 + length + 4
+  return out

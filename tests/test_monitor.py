@@ -3,7 +3,6 @@ host callbacks in it, the host-side reports, and a run that blows up stopping cl
 import glob
 import os
 import re
-import struct
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import read_tensorboard_scalars
 from gptjax import checkpoint, monitor, optim
 from gptjax.config import ConfigError, base_config, validate
 from gptjax.model import GPT, ModelConfig
@@ -268,22 +268,6 @@ def test_threshold_defaults_and_validation():
 
 # ----------------------------------------------------------------------------- a run that blows up
 
-def tensorboard_tags(run_dir) -> set:
-  """Scalar tags of the run's TensorBoard event files (TFRecord framing, tensorboardX protos)."""
-  from tensorboardX.proto import event_pb2
-  tags = set()
-  for path in glob.glob(os.path.join(run_dir, "tensorboard", "events.*")):
-    with open(path, "rb") as f:
-      blob = f.read()
-    pos = 0
-    while pos < len(blob):
-      (length,) = struct.unpack("<Q", blob[pos:pos + 8])
-      event = event_pb2.Event.FromString(blob[pos + 12:pos + 12 + length])
-      tags |= {v.tag for v in event.summary.value}
-      pos += 12 + length + 4
-  return tags
-
-
 def test_absurd_learning_rate_stops_cleanly_with_good_snapshots(tiny_config):
   run_dir = tiny_config.output_dir
   # lr 1e4 (no clipping) passes a few steps before the loss overflows; snapshots every 2 steps
@@ -329,7 +313,7 @@ def test_absurd_learning_rate_stops_cleanly_with_good_snapshots(tiny_config):
   assert re.search(r"\[grad step 1\] WARNING block_0/attn vanishing \(\S+ < 50\)", log)
   assert re.search(r"\[grad step \d+\] WARNING \S+ exploding \(\S+ > 100\)", log)
   assert "[weights step 1] update/weight median" in log
-  tags = tensorboard_tags(run_dir)
+  tags = set(read_tensorboard_scalars(run_dir))
   for tag in ("grad_norm/block_0/attn", "grad_norm/wte", "grad_norm_global/raw",
               "grad_norm_global/clipped", "update_ratio/block_1/mlp", "weight_norm/ln_f",
               "update_norm/wpe", "weight_sample/wte/embedding/near_zero", "train/loss"):

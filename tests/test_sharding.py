@@ -7,11 +7,9 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N running this file as a driver
 (`python tests/test_sharding.py JOBS_JSON`); it prints one `RESULT {json}` line. Runs that
 need nothing from each other start together, and all share one persistent compilation cache.
 """
-import glob
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import read_tensorboard_scalars
 from gptjax import sharding
 from gptjax.config import ConfigError, base_config
 
@@ -148,23 +147,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def tensorboard_scalars(run_dir: str) -> dict:
-  """{tag: {step: value}} of a run's TensorBoard files (TFRecord framing, tensorboardX protos)."""
-  from tensorboardX.proto import event_pb2
-  out = {}
-  for path in glob.glob(os.path.join(run_dir, "tensorboard", "events.*")):
-    with open(path, "rb") as f:
-      blob = f.read()
-    pos = 0
-    while pos < len(blob):
-      (length,) = struct.unpack("<Q", blob[pos:pos + 8])
-      event = event_pb2.Event.FromString(blob[pos + 12:pos + 12 + length])
-      for v in event.summary.value:
-        out.setdefault(v.tag, {})[event.step] = v.simple_value
-      pos += 12 + length + 4
-  return out
-
-
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
   """Every subprocess run of this file, in two waves (the second resumes the first's snapshot)."""
@@ -200,7 +182,7 @@ def runs(corpus, tmp_path_factory):
       "one": _launch([run("dp1"), run("resume1", checkpoint_file=epoch1, yes=True),
                       {"kind": "load", "path": fsdp4["model_path"]}], 1, cache)}
   out.update({k: _results(p) for k, p in wave2.items()})
-  out["scalars"] = {name: tensorboard_scalars(str(root / name))
+  out["scalars"] = {name: read_tensorboard_scalars(str(root / name))
                     for name in ("dp4", "fsdp4", "two_procs", "dp2", "resume2", "dp1", "resume1")}
   return out
 
