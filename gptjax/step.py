@@ -25,6 +25,20 @@ def init_state(model, tx, rng, seq_len: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def logsumexp_one_pass(x_BTV):
+  """logsumexp over the last axis in one read of x: a variadic reduction of the running max and
+  the sum of exp(x - max), where jax.nn.logsumexp reads x twice (the max, then the sum)."""
+  def combine(a, b):
+    (m1, s1), (m2, s2) = a, b
+    first = m1 >= m2
+    hi, lo = jnp.maximum(m1, m2), jnp.minimum(m1, m2)
+    s_hi, s_lo = jnp.where(first, s1, s2), jnp.where(first, s2, s1)
+    return hi, s_hi + s_lo * jnp.exp(jnp.where(hi == -jnp.inf, -jnp.inf, lo - hi))
+  m, s = jax.lax.reduce((x_BTV, jnp.ones_like(x_BTV)), (jnp.float32(-jnp.inf), jnp.float32(0)),
+                        combine, (x_BTV.ndim - 1,))
+  return m + jnp.log(s)
+
+
 @jax.custom_vjp
 def cross_entropy(logits_BTV, targets_BT):
   """Per-token softmax cross-entropy, as optax's, for logits of any float dtype.
@@ -40,7 +54,7 @@ def cross_entropy(logits_BTV, targets_BT):
 
 def _cross_entropy_fwd(logits_BTV, targets_BT):
   x_BTV = logits_BTV.astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(x_BTV, axis=-1)
+  lse_BT = logsumexp_one_pass(x_BTV)
   target_BT = jnp.take_along_axis(x_BTV, targets_BT[..., None], axis=-1)[..., 0]
   return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
 

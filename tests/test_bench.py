@@ -33,6 +33,15 @@ def test_cross_entropy_matches_optax(dtype):
                              atol=1e-6 if dtype == jnp.float32 else 1e-2)
 
 
+def test_one_pass_logsumexp_matches_jax():
+  x = 30 * jax.random.normal(jax.random.key(1), (4, 3, 1000))
+  x = x.at[0, 0].set(-jnp.inf).at[0, 0, 7].set(5.0)   # a row of -inf but one entry
+  x = x.at[1, 1, ::2].set(-jnp.inf)
+  np.testing.assert_allclose(jax.jit(step.logsumexp_one_pass)(x),
+                             jax.nn.logsumexp(x, axis=-1), rtol=1e-6)
+  assert float(step.logsumexp_one_pass(jnp.full((1, 8), -jnp.inf))[0]) == -np.inf
+
+
 def test_step_row_in_its_own_process(tmp_path, capsys):
   out = tmp_path / "bench.json"
   args = SHRUNK + ["--batch_sizes", "2", "--profile", str(tmp_path / "prof"), "--json", str(out)]

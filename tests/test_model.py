@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gptjax.config import CONFIGS_DIR, TOKENIZER_VOCAB
-from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
+from gptjax.model import GPT, ModelConfig, count_params, gelu, padded_vocab_size
 
 SMALL = ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, d_ff=64,
                     max_seq_len=16, dropout=0.0)
@@ -20,6 +20,17 @@ def _preset(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def test_gelu_and_its_gradient_match_jax():
+  x = 4 * jax.random.normal(jax.random.key(0), (2, 3, 50))
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  ref = lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * w)
+  ours = lambda x: jnp.sum(gelu(x) * w)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x), atol=1e-5)
+  h = x.astype(jnp.bfloat16)
+  assert gelu(h).dtype == jnp.bfloat16 and jax.grad(lambda h: jnp.sum(gelu(h)))(h).dtype == jnp.bfloat16
 
 
 def test_output_shape_and_dtype():
