@@ -479,7 +479,12 @@ def run_row(label: str, config_dict: dict, opts: dict) -> dict:
     measure = {"step": measure_step, "loop": measure_loop, "save_stall": measure_save_stall}
     row.update(measure[opts["mode"]](config, opts))
   except Exception as e:  # an out-of-memory row must not end the table
-    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
+    from gptjax.train import out_of_memory
+    if out_of_memory(e):
+      row["error"] = (f"out of memory at batch {config.batch_size} (JAX takes 75% of the device "
+                      "unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise)")
+    else:
+      row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
   print(f"[{label}] " + format_row(row, opts["peak_tflops"]), flush=True)
   return row
 
@@ -535,6 +540,25 @@ def format_table(rows: list, peak_tflops: float) -> str:
                  f"{'':>22} {100 * r['mfu'] * r['loop_vs_step']:>5.1f}%  = "
                  f"{100 * r['loop_vs_step']:.1f}% of the bare step")
   return "\n".join(out)
+
+
+def best_batches(rows: list) -> dict:
+  """{config: (its fastest row, the batch sizes tried)} for every config (the row's label less
+  its batch size) timed at two or more batch sizes: the batch size the benchmark finds best."""
+  groups = {}
+  for r in rows:
+    if "error" not in r and r.get("mode") == "step":
+      key = " ".join(t for t in r["label"].split() if not (t[0] == "b" and t[1:].isdigit()))
+      groups.setdefault(key, []).append(r)
+  return {key: (max(rs, key=lambda r: r["tokens_per_s"]), sorted(r["batch_size"] for r in rs))
+          for key, rs in groups.items() if len({r["batch_size"] for r in rs}) > 1}
+
+
+def format_best(rows: list, peak_tflops: float) -> str:
+  return "\n".join(
+      f"best batch size for {key}: {best['batch_size']} ({best['tokens_per_s']:,.0f} tok/s, MFU "
+      f"{100 * best['mfu']:.1f}% of {peak_tflops:g} TFLOP/s; tried {', '.join(map(str, tried))})"
+      for key, (best, tried) in best_batches(rows).items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,12 +630,17 @@ def main(argv=None) -> int:
   import jax
   report = {"date": time.strftime("%Y-%m-%d"), "peak_tflops": args.peak_tflops,
             "jax": jax.__version__, "argv": argv, "rows": results}
+  report["best_batch_size"] = {key: best["batch_size"]
+                                for key, (best, _) in best_batches(results).items()}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=1)
   print(f"\ngptjax.bench {report['date']}, jax {jax.__version__}, MFU against "
         f"{args.peak_tflops:g} TFLOP/s")
   print(format_table(results, args.peak_tflops))
+  best = format_best(results, args.peak_tflops)
+  if best:
+    print(best)
   return 1 if any("error" in r for r in results) else 0
 
 

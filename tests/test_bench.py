@@ -106,3 +106,17 @@ def test_bad_input_exits_2(bad, capsys):
   with pytest.raises(SystemExit) as e:
     bench.main(bad)
   assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_best_batch_size_per_config():
+  def row(label, batch, tps):
+    return {"label": label, "mode": "step", "batch_size": batch, "tokens_per_s": tps, "mfu": 0.4}
+  rows = [row("medium b32", 32, 480e3), row("medium b64", 64, 495e3),
+          {"label": "medium b128", "batch_size": 128, "error": "out of memory at batch 128"},
+          row("medium b32 dropout=0.1", 32, 440e3), row("medium b64 dropout=0.1", 64, 430e3),
+          row("tiny b256", 256, 2.5e6)]
+  best = bench.best_batches(rows)
+  assert {k: (b["batch_size"], tried) for k, (b, tried) in best.items()} == {
+      "medium": (64, [32, 64]), "medium dropout=0.1": (32, [32, 64])}
+  text = bench.format_best(rows, 989.0)
+  assert "best batch size for medium: 64 (495,000 tok/s" in text and "tiny" not in text
