@@ -50,6 +50,17 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert model.apply(params, tokens).dtype == jnp.float32
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+  params = GPT(SMALL).init(jax.random.key(0), tokens)
+
+  def loss(config):
+    return jax.value_and_grad(lambda p: jnp.mean(GPT(config).apply(p, tokens) ** 2))(params)
+
+  plain, remat = loss(SMALL), loss(dataclasses.replace(SMALL, remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), plain, remat)
+
+
 def test_causal_no_gradient_from_future_tokens():
   """The loss at position t has zero gradient w.r.t. the embeddings of tokens after t."""
   model = GPT(SMALL)
