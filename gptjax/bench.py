@@ -25,6 +25,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -292,8 +293,43 @@ def _category(name: str) -> str:
   return "other fusions"
 
 
-def summarize_trace(path: str, n_steps: int) -> dict:
-  """Per-step device time by kernel and by category, from a jax.profiler trace (xplane.pb)."""
+_BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "mlp": "MLP"}
+
+
+def model_part(op_name: str) -> str:
+  """The part of the step an HLO op belongs to, from its op_name metadata (the jax/flax scope):
+  'jit(train_step)/transpose(jvp(GPT))/block_3/mlp/fc/reduce_sum' -> 'MLP backward'."""
+  direction = " backward" if "transpose(" in op_name else " forward"
+  block = re.search(r"/block_\d+/(\w+)", op_name)
+  if block:
+    return _BLOCK_PARTS.get(block.group(1), "residual adds") + direction
+  if "(GPT)" in op_name:
+    if "/ln_f/" in op_name:
+      return "LayerNorm" + direction
+    if "/wte/" in op_name or "/wpe/" in op_name:
+      return "embeddings" + direction
+    return "output head" + direction
+  if "jvp(" in op_name:
+    return "loss" + direction
+  if "/cond/" in op_name:
+    return "monitors"
+  return "optimizer and update"
+
+
+def hlo_op_names(hlo_text: str) -> dict:
+  """{instruction name: op_name} of a compiled program's HLO; GPU kernels of XLA's own fusions
+  are named after the instruction with '.' written as '_', so both spellings are keys."""
+  names = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo_text,
+                       re.M):
+    names[m.group(1)] = names[m.group(1).replace(".", "_")] = m.group(2)
+  return names
+
+
+def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
+  """Per-step device time by kernel, by category and by part of the model, from a
+  jax.profiler trace (xplane.pb) and the program's `hlo_op_names`. Library calls (cuBLAS,
+  cuDNN, NCCL) carry no HLO name on the GPU: they count under their category."""
   from jax.profiler import ProfileData
   data = ProfileData.from_file(path)
   planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
@@ -316,9 +352,12 @@ def summarize_trace(path: str, n_steps: int) -> dict:
         count, total = kernels.get(key, (0, 0.0))
         kernels[key] = (count + 1, total + e.duration_ns)
   busy = sum(t for _, t in kernels.values())
-  categories = {}
-  for (name, _), (_, t) in kernels.items():
+  categories, parts = {}, {}
+  for (name, op), (_, t) in kernels.items():
     categories[_category(name)] = categories.get(_category(name), 0.0) + t
+    op_name = (op_names or {}).get(op) or (op_names or {}).get(name)
+    part = model_part(op_name) if op_name else f"{_category(name)} (not attributed)"
+    parts[part] = parts.get(part, 0.0) + t
   top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:_TRACE_TOP]
   per_step = lambda ns: ns / n_steps / 1e6
   return {
@@ -326,6 +365,8 @@ def summarize_trace(path: str, n_steps: int) -> dict:
       "kernels_per_step": sum(c for c, _ in kernels.values()) / n_steps,
       "categories_ms_per_step": {k: per_step(v) for k, v in
                                  sorted(categories.items(), key=lambda kv: -kv[1])},
+      "parts_ms_per_step": {k: per_step(v) for k, v in
+                            sorted(parts.items(), key=lambda kv: -kv[1])},
       "top_kernels": [{"name": name[:120], "hlo_op": op[:80], "calls_per_step": c / n_steps,
                        "ms_per_step": per_step(t)} for (name, op), (c, t) in top],
       "lines": {k: {"events": n, "ms": t / 1e6} for k, (n, t) in lines.items()},
@@ -341,19 +382,21 @@ def profile(built, directory: str, label: str, step_s: float, n_steps: int = 3) 
     built.run(n_steps)
     built.sync()
   (path,) = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1:]
-  summary = summarize_trace(path, n_steps)
+  summary = summarize_trace(path, n_steps, hlo_op_names(built.compiled.as_text()))
   summary["wall_ms_per_step"] = 1e3 * step_s
   with open(os.path.join(directory, _slug(label) + ".profile.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(format_profile(label, summary), flush=True)
   return {k: summary[k] for k in ("device_busy_ms_per_step", "kernels_per_step",
-                                  "categories_ms_per_step")}
+                                  "categories_ms_per_step", "parts_ms_per_step")}
 
 
 def format_profile(label: str, s: dict) -> str:
   lines = [f"profile {label}: wall {s['wall_ms_per_step']:.2f} ms/step, device busy "
            f"{s['device_busy_ms_per_step']:.2f} ms in {s['kernels_per_step']:.0f} kernels"]
   lines += [f"  {k:<20} {v:8.2f} ms" for k, v in s["categories_ms_per_step"].items()]
+  lines += ["  by part of the step:"]
+  lines += [f"    {k:<34} {v:8.2f} ms" for k, v in s["parts_ms_per_step"].items()]
   lines += [f"  {k['ms_per_step']:8.3f} ms x{k['calls_per_step']:<4g} {k['name'][:70]}  "
             f"[{k['hlo_op'][:40]}]" for k in s["top_kernels"][:15]]
   return "\n".join(lines)

@@ -32,6 +32,9 @@ def padded_vocab_size(n_vocab: int, multiple: int = 128) -> int:
   return multiple * math.ceil(n_vocab / multiple)
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
 @jax.custom_vjp
 def gelu(x):
   """jax.nn.gelu(x, approximate=True) computed in float32 and returned in x's dtype.
@@ -43,9 +46,6 @@ def gelu(x):
   """
   xf = x.astype(jnp.float32)
   return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + 0.044715 * xf * xf * xf)))).astype(x.dtype)
-
-
-_GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def _gelu_fwd(x):

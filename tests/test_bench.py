@@ -55,6 +55,10 @@ def test_step_row_in_its_own_process(tmp_path, capsys):
   assert row["n_params"] == n and row["flops_per_token"] == 6 * n + 12 * 1 * 16 * 32
   assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / 989e12)
   assert np.isfinite(row["last_loss"]) and row["profile"]["device_busy_ms_per_step"] > 0
+  parts = row["profile"]["parts_ms_per_step"]  # the profile says which part of the step took it
+  assert {"MLP forward", "LayerNorm backward", "loss forward", "output head backward",
+          "optimizer and update"} <= set(parts)
+  assert sum(parts.values()) == pytest.approx(row["profile"]["device_busy_ms_per_step"])
   assert "config b2" in capsys.readouterr().out.splitlines()[-1]  # the table comes last
 
 
@@ -106,6 +110,23 @@ def test_bad_input_exits_2(bad, capsys):
   with pytest.raises(SystemExit) as e:
     bench.main(bad)
   assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_model_part_of_an_hlo_op():
+  part = lambda op: bench.model_part("jit(train_step)/" + op)
+  assert part("transpose(jvp(GPT))/block_11/mlp/fc/reduce_sum") == "MLP backward"
+  assert part("jvp(GPT)/block_0/ln2/convert_element_type") == "LayerNorm forward"
+  assert part("jvp(GPT)/block_3/attn/qkv/add") == "attention forward"
+  assert part("jvp(GPT)/block_3/add") == "residual adds forward"
+  assert part("transpose(jvp(GPT))/ln_f/reduce_sum") == "LayerNorm backward"
+  assert part("jvp(GPT)/dot_general") == "output head forward"
+  assert part("transpose(jvp())/convert_element_type") == "loss backward"
+  assert part("cond/branch_1_fun/reduce_sum") == "monitors"
+  assert part("jit(_where)/select_n") == "optimizer and update"
+  names = bench.hlo_op_names(
+      '  %loop_add_fusion.2 = bf16[8]{0} fusion(%p), kind=kLoop, '
+      'metadata={op_name="jit(train_step)/jvp(GPT)/block_0/attn/qkv/add" stack_frame_id=1}')
+  assert names["loop_add_fusion_2"] == names["loop_add_fusion.2"]  # GPU kernels use '_'
 
 
 def test_best_batch_size_per_config():
