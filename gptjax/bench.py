@@ -138,30 +138,15 @@ class _Built:
   """The trainer's step for one config, compiled, with its state and synthetic batches."""
 
   def __init__(self, config, total_steps: int, n_batches: int = 4):
-    import jax
     import numpy as np
-    from gptjax import config as config_lib, monitor, optim, sharding, step, trainer
-    from gptjax.model import GPT, count_params
+    from gptjax import config as config_lib, sharding, trainer
+    from gptjax.model import count_params
 
-    self.config = config
     n_vocab = config_lib.TOKENIZER_VOCAB[config.tokenizer]
-    self.mcfg = trainer.model_config(config, n_vocab)
-    self.model = GPT(self.mcfg)
+    self.mcfg, self.model, mesh, self.rng, self.state, self.train_step = trainer.build_training(
+        config, n_vocab, total_steps)
     self.n_params = count_params(self.mcfg)
-    tx = optim.make_optimizer(config, total_steps)
-    schedule = optim.lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
-    # Built as trainer._train builds them, so that the compiled program is the trainer's.
-    mesh = sharding.make_mesh(config)
-    sharding.check_batch_size(config.batch_size, mesh)
     self.n_devices = mesh.devices.size
-    self.rng = jax.random.key(config.seed)
-    self.state, state_sharding = sharding.init_sharded(
-        lambda key: step.init_state(self.model, tx, key, config.max_seq_len), mesh,
-        jax.random.fold_in(self.rng, 0))
-    sample_idx = monitor.make_sample_indices(self.state.params,
-                                             config.weight_monitor_sample_size, config.seed)
-    self.train_step = step.make_train_step(self.model, tx, schedule, config, sample_idx,
-                                           state_sharding)
     # Random tokens, several batches in rotation: never zeros, never one cached buffer.
     rows, put = sharding.batch_feeder(mesh, config.batch_size)
     tokens = np.random.default_rng(config.seed + 1).integers(

@@ -23,21 +23,14 @@ SNAPSHOT_PREFIX = "snapshot"
 class Snapshots:
   """Rotating snapshots of one run; a thin layer over `ocp.CheckpointManager`."""
 
-  def __init__(self, directory: str, keep: int, read_only: bool = False):
+  def __init__(self, directory: str, keep: int):
     self.directory = os.path.abspath(directory)
     # cleanup_tmp_directories: what a killed process left half written goes at the next start.
     options = ocp.CheckpointManagerOptions(
-        step_prefix=SNAPSHOT_PREFIX, enable_async_checkpointing=True, read_only=read_only,
-        create=not read_only, cleanup_tmp_directories=not read_only,
-        preservation_policy=checkpoint_managers.LatestN(keep))
+        step_prefix=SNAPSHOT_PREFIX, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True, preservation_policy=checkpoint_managers.LatestN(keep))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
   def save(self, step: int, state, meta: dict) -> None:
     """Starts an async save; returns once the device-to-host copy is done."""
@@ -47,9 +40,6 @@ class Snapshots:
       self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-
-  def steps(self) -> list[int]:
-    return list(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -153,7 +143,7 @@ def _restore_on_one_device(directory: str):
     return ckpt.restore(directory, target)
 
 
-def load_params(path: str, info: dict | None = None):
+def load_params(path: str):
   """(params, info) from a final model directory or a snapshot directory."""
   path = os.path.abspath(path.rstrip("/"))
   if os.path.isfile(os.path.join(path, "model.json")):

@@ -107,6 +107,28 @@ def _flag_error(e: flags.Error) -> str:
   return text
 
 
+def _no_arguments(rest) -> None:
+  """absl leaves the program name and any positional argument: a positional is a mistake."""
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected argument {rest[1]!r}; options look like --name value")
+
+
+def parse_flags(argv, define, usage: str) -> flags.FlagValues:
+  """A fresh absl FlagValues with `define`'s flags, parsed from `argv` (the evaluate and generate
+  commands); errors are ConfigError. -h/--help prints the flags and exits 0."""
+  fv = flags.FlagValues()
+  define(fv)
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(f"usage: {usage}\n{fv.get_help(include_special_flags=False)}")
+    sys.exit(0)
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+  _no_arguments(rest)
+  return fv
+
+
 def parse(argv):
   """(config, explicit_fields, actions, log_file); raises ConfigError on any bad input."""
   argv = _preset_argv(argv)
@@ -129,8 +151,7 @@ def parse(argv):
     reason = lines[-1] if os.path.isfile(path) else "no such file"
     raise ConfigError(f"config: cannot load {path!r} ({reason}); give a file like "
                       "configs/small.py") from None
-  if len(rest) > 1:
-    raise ConfigError(f"unexpected argument {rest[1]!r}; options look like --name value")
+  _no_arguments(rest)
   base = config_lib.base_config()
   explicit = {k for k in FIELDS if config[k] != base[k]}   # set by the config file
   explicit |= set(overrides)

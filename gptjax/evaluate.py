@@ -9,8 +9,8 @@ runs through the trainer's own jitted eval step and `trainer.evaluate`, so the l
 trainer reported for the same weights and split: the token-weighted mean over every token after
 the first. Perplexity is exp(loss). Bits per byte is the summed loss in bits over the UTF-8 bytes
 of the split's text, counted from its tokens (byte-level BPE decodes losslessly, so this is the
-text's byte count; end-of-text counts 0 bytes, as it is no text). Also holds `load_model` and the
-flag parsing that `gptjax.generate` shares.
+text's byte count; end-of-text counts 0 bytes, as it is no text). Also holds `load_model`, which
+`gptjax.generate` shares.
 """
 import dataclasses
 import json
@@ -22,30 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import cli
 from gptjax.config import HUB_DATASETS, ConfigError, dataset_name
 from gptjax.model import ModelConfig
 
 SPLITS = ("test", "valid", "train")
 _FALLBACK_BATCH = 16
-
-
-def parse_flags(argv, define, usage: str):
-  """A fresh absl FlagValues with `define`'s flags, parsed from `argv`; errors are ConfigError.
-  -h/--help prints the flags and exits 0."""
-  from absl import flags
-
-  fv = flags.FlagValues()
-  define(fv)
-  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-    print(f"usage: {usage}\n{fv.get_help(include_special_flags=False)}")
-    sys.exit(0)
-  try:
-    rest = fv(argv)
-  except flags.Error as e:
-    raise ConfigError(str(e).splitlines()[0]) from None
-  if len(rest) > 1:
-    raise ConfigError(f"unexpected argument {rest[1]!r}; options look like --name value")
-  return fv
 
 
 def is_model_dir(path: str) -> bool:
@@ -70,7 +52,7 @@ def model_config_from_info(info: dict) -> ModelConfig:
 
 
 def load_model(path: str):
-  """(ModelConfig, params on device, info) of a final model or snapshot directory."""
+  """(ModelConfig, params on the local device, info) of a final model or snapshot directory."""
   from gptjax import checkpoint
   if not path:
     raise ConfigError("model: no model given; pass --model PATH (a models/model_<TIMESTAMP>/ or "
@@ -88,7 +70,7 @@ def load_model(path: str):
   except Exception as e:
     raise ConfigError(f"model: cannot read {path!r} ({type(e).__name__}); it is incomplete or "
                       "damaged") from None
-  return model_config_from_info(info), jax.device_put(params), info
+  return model_config_from_info(info), params, info
 
 
 def token_bytes(encoding) -> np.ndarray:
@@ -123,9 +105,9 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
     raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, or an "
                       "existing folder holding train.txt/valid.txt/test.txt")
   batch_size = batch_size or run.get("eval_batch_size") or run.get("batch_size") or _FALLBACK_BATCH
-  # The train split as the run saw it: its max_samples limit applies to train only.
-  max_samples = run.get("max_samples", 0) if split == "train" else 0
-  tokens = data.load_tokens(dataset, split, info["tokenizer"], max_samples, data_cache_dir)
+  # The train split as the run saw it (data applies max_samples to the train split only).
+  tokens = data.load_tokens(dataset, split, info["tokenizer"], run.get("max_samples", 0),
+                            data_cache_dir)
   if len(tokens) < 2:
     raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
   loss = trainer.evaluate(make_eval_step(GPT(model_config)), params, tokens,
@@ -154,7 +136,7 @@ def _define_flags(fv):
 
 def run(argv) -> dict:
   """Parses `argv`, evaluates, prints the result (text or one JSON line) and returns it."""
-  fv = parse_flags(argv, _define_flags, "python -m gptjax.evaluate --model PATH [options]")
+  fv = cli.parse_flags(argv, _define_flags, "python -m gptjax.evaluate --model PATH [options]")
   result = evaluate_model(fv.model or "", fv.dataset, fv.split, fv.batch_size, fv.data_cache_dir)
   if fv.json:
     print(json.dumps(result))
@@ -166,7 +148,6 @@ def run(argv) -> dict:
 
 
 def main(argv=None) -> int:
-  from gptjax import cli
   return cli.entry_point(run, argv)
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import data, evaluate
+from gptjax import cli, data, evaluate
 from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, init_cache
 
@@ -215,8 +215,8 @@ def _check(fv) -> None:
 
 def run(argv) -> dict:
   """Parses `argv`, generates and prints the samples; returns them with the decode timing."""
-  fv = evaluate.parse_flags(argv, _define_flags, "python -m gptjax.generate --model PATH "
-                            "--prompt TEXT [options]")
+  fv = cli.parse_flags(argv, _define_flags, "python -m gptjax.generate --model PATH "
+                       "--prompt TEXT [options]")
   _check(fv)
   model_config, params, info = evaluate.load_model(fv.model or "")
   encoding = data.get_tokenizer(info["tokenizer"])
@@ -229,7 +229,7 @@ def run(argv) -> dict:
   settings = dict(model_config=model_config, n_vocab=encoding.n_vocab, prefill=prefill,
                   max_new_tokens=fv.max_new_tokens, eot_id=encoding.eot_token,
                   temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
-  args = (jax.device_put(params), prompt_BL, lengths_B, jax.random.key(fv.seed))
+  args = (params, prompt_BL, lengths_B, jax.random.key(fv.seed))
   t0 = time.perf_counter()
   compiled = generate_tokens.lower(*args, **settings).compile()
   t1 = time.perf_counter()
@@ -253,7 +253,6 @@ def run(argv) -> dict:
 
 
 def main(argv=None) -> int:
-  from gptjax import cli
   return cli.entry_point(run, argv)
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from gptjax import sharding
 from gptjax import generate
 from gptjax.config import ARCH_FIELDS, ConfigError
 from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
-from gptjax.step import init_state, make_eval_step, make_train_step
+from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
 
 RUN_FIELDS = ("dataset", "max_samples", "batch_size", "seed")
 # Where and how this invocation runs, not what it trains: never taken from a snapshot.
@@ -69,21 +70,17 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset):
   """(snapshots_dir, step, meta) to resume from, or None; applies the snapshot's run identity."""
   if config.checkpoint_file:
     snap_dir, step = checkpoint.snapshot_step(config.checkpoint_file)
-  elif config.resume:
-    snap_dir = os.path.join(run_dir, "snapshots")
-    steps = checkpoint.complete_steps(snap_dir)
-    if not steps:
-      raise ConfigError(f"resume: no snapshot to resume in {snap_dir}; start a new run without "
-                        "--resume, or pass --checkpoint_file PATH")
-    step = max(steps)
   else:
     snap_dir = os.path.join(run_dir, "snapshots")
     steps = checkpoint.complete_steps(snap_dir)
+    if not steps and config.resume:
+      raise ConfigError(f"resume: no snapshot to resume in {snap_dir}; start a new run without "
+                        "--resume, or pass --checkpoint_file PATH")
     if not steps:
       return None
     # As the guide's trainer: a run that finds snapshots offers to continue them. Starting a new
     # run over them is refused: rotation would delete the new run's snapshots first.
-    if not (config.yes or sys.stdin.isatty()):
+    if not (config.resume or config.yes or sys.stdin.isatty()):
       raise ConfigError(f"resume: {snap_dir} holds snapshots of an earlier run (newest step "
                         f"{max(steps)}); add --resume --yes to continue it, or give another "
                         "--output_dir for a new run")
@@ -175,8 +172,9 @@ class StepReader:
     self.on_nonfinite = on_nonfinite
     self.tokens_per_step = config.batch_size * config.max_seq_len
     self.epoch_loss = list(epoch_loss)
-    self.throughput = []  # {step, steps, seconds} per log interval: what gptjax.bench --loop reads
-    self.warm = False     # the first interval of a process holds the compilation
+    # {step, steps, seconds} per log interval: what gptjax.bench --loop reads. The first
+    # interval of a process holds the compilation.
+    self.throughput = []
     self.restart_clock(0)
 
   def restart_clock(self, step: int) -> None:
@@ -225,9 +223,9 @@ class StepReader:
     self.restart_clock(step + 1)
     lr, grad_norm = jax.device_get((metrics["lr"], metrics["grad_norm"]))
     eta = (self.total_steps - step - 1) * self.tokens_per_step / max(tok_s, 1e-9)
-    speed = (f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}" if self.warm
+    speed = (f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}"
+             if len(self.throughput) > 1
              else f"{seconds:.1f} s incl. compilation")
-    self.warm = True
     ppl = math.exp(min(loss, 50))
     self.report.info(f"step {step + 1}/{self.total_steps} | epoch {epoch + 1} | loss {loss:.4f} | "
                      f"ppl {ppl:.1f} | lr {lr:.2e} | grad {grad_norm:.3f} | {speed}")
@@ -297,26 +295,42 @@ def _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_step
                 f"({total_steps} steps); the peak lr is reached at the last step")
 
 
-def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
-           snapshots) -> dict:
-  enc = data.get_tokenizer(config.tokenizer)
-  mcfg = model_config(config, enc.n_vocab)
+class Training(NamedTuple):
+  mcfg: ModelConfig
+  model: GPT
+  mesh: jax.sharding.Mesh
+  rng: jax.Array
+  state: TrainState
+  train_step: Callable
+
+
+def build_training(config, n_vocab: int, total_steps: int) -> Training:
+  """The model, the device mesh, the run's key, the sharded initial state and the jitted train
+  step of `config`: what the loop runs (and gptjax.bench times)."""
+  mcfg = model_config(config, n_vocab)
   model = GPT(mcfg)
   tx = optim.make_optimizer(config, total_steps)
   schedule = optim.lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
   rng = jax.random.key(config.seed)
   mesh = sharding.make_mesh(config)
-  eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(eval_batch, mesh, "eval_batch_size" if config.eval_batch_size
-                            else "batch_size")
   # Created in its shards: with fsdp the whole state never sits on one device.
   state, state_sharding = sharding.init_sharded(
       lambda key: init_state(model, tx, key, config.max_seq_len), mesh, jax.random.fold_in(rng, 0))
-  rows, put_batch = sharding.batch_feeder(mesh, config.batch_size)
   sample_idx = monitor.make_sample_indices(state.params, config.weight_monitor_sample_size,
                                            config.seed)
   train_step = make_train_step(model, tx, schedule, config, sample_idx, state_sharding)
+  return Training(mcfg, model, mesh, rng, state, train_step)
+
+
+def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
+           snapshots) -> dict:
+  enc = data.get_tokenizer(config.tokenizer)
+  mcfg, model, mesh, rng, state, train_step = build_training(config, enc.n_vocab, total_steps)
+  eval_batch = config.eval_batch_size or config.batch_size
+  sharding.check_batch_size(eval_batch, mesh, "eval_batch_size" if config.eval_batch_size
+                            else "batch_size")
+  rows, put_batch = sharding.batch_feeder(mesh, config.batch_size)
   eval_step = make_eval_step(model)
   sampler = generate.training_sampler(config, mcfg, enc)
   # Whichever criterion stops the run, the final model is then the best epoch's.
@@ -324,15 +338,16 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
       early_stop.patience_active(config) or early_stop.overfit_active(config)))
 
   resolved = config.to_dict()
+  model_meta = model_info(mcfg, config, enc.n_vocab)
   for path in (run_dir, snapshots.directory) if jax.process_index() == 0 else ():
     with open(os.path.join(path, "run_config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
 
   epoch, index, history, stopper = 0, 0, [], early_stop.EarlyStopState()
   # A copy: the train step donates (frees) the state's own buffers.
-  best_params = jax.tree.map(jnp.copy, state.params) if restore_best else None
-  if resume:
-    saved = {"train": state, "best": best_params} if restore_best else {"train": state}
+  best_params = jax.tree.map(jnp.copy, state.params) if restore_best and not resume else None
+  if resume:  # the target gives structure and sharding only: "best" has the params' own
+    saved = {"train": state, "best": state.params} if restore_best else {"train": state}
     restored, meta = checkpoint.restore(checkpoint.snapshot_path(resume[0], resume[1]), saved)
     state, best_params = restored["train"], restored.get("best")
     epoch, index, history = meta["epoch"], meta["index"], meta["history"]
@@ -350,7 +365,6 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
                + f"last good snapshot: {snapshots.path(last) if last is not None else 'none'}. "
                "Lower --lr, raise --warmup_steps or set --gradient_clip (e.g. 1.0)")
     report.info(f"Training stopped: {message}")
-    snapshots.close()
     raise NonFiniteError(message)
 
   count_nonfinite = jax.jit(monitor.nonfinite_counts)
@@ -360,13 +374,14 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     # caught here at the latest (one pass over the weights), so no snapshot is ever non-finite.
     bad = monitor.nonfinite_where({"loss": 0, "grads": {},
                                    "params": jax.device_get(count_nonfinite(state.params))})
+    step = int(state.step)
     if bad:
-      stop_nonfinite(int(state.step) - 1, bad, applied=True)
-    meta = {"step": int(state.step), "epoch": epoch, "index": index, "history": history,
+      stop_nonfinite(step - 1, bad, applied=True)
+    meta = {"step": step, "epoch": epoch, "index": index, "history": history,
             "time": reporting.timestamp(), "val_loss": val_loss, "early_stop": stopper.to_json(),
             "initial_val_loss": initial_val_loss, "epoch_loss": reader.epoch_loss,
-            "config": resolved, "model": model_info(mcfg, config, enc.n_vocab)}
-    snapshots.save(int(state.step), {"train": state, "best": best_params} if restore_best
+            "config": resolved, "model": model_meta}
+    snapshots.save(step, {"train": state, "best": best_params} if restore_best
                    else {"train": state}, meta)
 
   # (sum, count) of this epoch's training losses so far: a resumed epoch reports the same mean.
@@ -413,18 +428,19 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len, eval_batch,
                         mesh)
     train_loss = reader.take_epoch_loss()
+    step = int(state.step)
     stopper, improved = early_stop.update(stopper, config, epoch + 1, val_loss, train_loss)
     if improved and restore_best:
       best_params = jax.tree.map(jnp.copy, state.params)
-    history.append({"epoch": epoch + 1, "step": int(state.step), "train_loss": train_loss,
+    history.append({"epoch": epoch + 1, "step": step, "train_loss": train_loss,
                     "val_loss": val_loss})
     report.info(f"Epoch {epoch + 1}/{config.epochs} | train loss {train_loss:.4f} | "
                 f"val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
                 + (" (best)" if improved else ""))
-    report.scalars(int(state.step), {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
+    report.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
     for i, (prompt, text) in enumerate(sampler(state.params) if sampler else [], 1):
       report.info(f"Sample {i} | {prompt + text!r}")
-      report.text(int(state.step), f"samples/{i}", prompt + text)
+      report.text(step, f"samples/{i}", prompt + text)
     epoch, index = epoch + 1, 0
     snapshot(val_loss)
     if stopper.stopped:
@@ -432,12 +448,12 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
       break
 
   snapshots.wait()
+  step = int(state.step)
   if status == "interrupted":
-    snapshots.close()
-    report.info(f"Stopped by signal {stop.signum} at step {int(state.step)}; snapshot saved to "
-                f"{snapshots.path(int(state.step))}. Resume with: python -m gptjax.train "
+    report.info(f"Stopped by signal {stop.signum} at step {step}; snapshot saved to "
+                f"{snapshots.path(step)}. Resume with: python -m gptjax.train "
                 f"--output_dir {run_dir} --resume --yes")
-    return {"status": status, "step": int(state.step), "history": history,
+    return {"status": status, "step": step, "history": history,
             "signal": stop.signum}
 
   final_params = state.params
@@ -448,9 +464,8 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
   test_loss = evaluate(eval_step, final_params, splits["test"], config.max_seq_len, eval_batch,
                        mesh)
   report.info(f"Test loss {test_loss:.4f} | test ppl {math.exp(test_loss):.2f}")
-  report.scalars(int(state.step), {"test/loss": test_loss, "test/perplexity": math.exp(test_loss)})
-  info = model_info(mcfg, config, enc.n_vocab)
-  info.update(step=int(state.step), epochs=epoch, history=history, test_loss=test_loss,
+  report.scalars(step, {"test/loss": test_loss, "test/perplexity": math.exp(test_loss)})
+  info = dict(model_meta, step=step, epochs=epoch, history=history, test_loss=test_loss,
               config=resolved)
   model_path = checkpoint.save_model(os.path.join(run_dir, "models"), f"model_{report.stamp}",
                                      final_params, info)
@@ -459,6 +474,6 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
   if config.delete_snapshots_after_training:
     shutil.rmtree(snapshots.directory, ignore_errors=True)
     report.info("Snapshots deleted (keep them with --no_delete_snapshots_after_training)")
-  return {"status": status, "step": int(state.step), "history": history,
+  return {"status": status, "step": step, "history": history,
           "throughput": reader.throughput, "initial_val_loss": initial_val_loss,
           "test_loss": test_loss, "model_path": model_path, "params": final_params}

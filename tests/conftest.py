@@ -55,6 +55,21 @@ def tiny_config(make_tiny_config, tmp_path):
   return make_tiny_config(tmp_path / "run")
 
 
+def read_run_log(run_dir: str) -> str:
+  """The text of a run's one log file (logs/*.log)."""
+  (path,) = glob.glob(os.path.join(run_dir, "logs", "*.log"))
+  with open(path) as f:
+    return f.read()
+
+
+def same_tree(a, b) -> bool:
+  """The same pytree structure and bit-identical leaves."""
+  import jax
+  import numpy as np
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def read_tensorboard_scalars(run_dir: str) -> dict:
   """{tag: {step: value}} of a run's TensorBoard files (TFRecord framing, tensorboardX protos)."""
   from tensorboardX.proto import event_pb2

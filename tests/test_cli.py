@@ -23,8 +23,8 @@ import pytest
 from gptjax import cli, config as config_lib, train, trainer
 from gptjax.config import ConfigError
 from gptjax.model import ModelConfig, count_params, padded_vocab_size
+from conftest import REPO, read_run_log
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDE = os.path.join(os.path.dirname(REPO), "shared", "spec", "TRAINING_GUIDE.md")
 
 
@@ -357,8 +357,7 @@ def test_progress_bar_on_a_terminal_plain_lines_in_the_log(tiny_config, monkeypa
     reader.join(timeout=10)
   shown = b"".join(screen).decode(errors="replace")
   assert re.search(r"epoch 1: .*loss=\d+\.\d+, lr=[\d.e+-]+, tok/s=[\d,]+", shown), shown[-2000:]
-  (log_name,) = os.listdir(os.path.join(config.output_dir, "logs"))
-  log = open(os.path.join(config.output_dir, "logs", log_name)).read()
+  log = read_run_log(config.output_dir)
   assert "\r" not in log and "it/s" not in log and "loss=" not in log
   stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| ")
   assert all(stamp.match(line) or line.startswith("  ") for line in log.splitlines()), log

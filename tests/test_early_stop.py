@@ -8,6 +8,7 @@ import pytest
 
 from gptjax import early_stop
 from gptjax.early_stop import EarlyStopState
+from conftest import read_run_log, same_tree
 
 
 def make_config(**overrides):
@@ -257,20 +258,6 @@ def scripted_evaluate(monkeypatch, config, val_losses):
   return calls
 
 
-def same_tree(a, b) -> bool:
-  import jax
-  import numpy as np
-  return jax.tree.structure(a) == jax.tree.structure(b) and all(
-      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def run_log(config) -> str:
-  import glob
-  (path,) = glob.glob(f"{config.output_dir}/logs/*.log")
-  with open(path) as f:
-    return f.read()
-
-
 def short_run(config, **overrides):
   config.update(epochs=6, max_samples=30, dropout=0.0, weight_monitor=False, **overrides)
   return config
@@ -292,16 +279,16 @@ def test_trainer_stops_on_patience_and_keeps_best_epoch(tiny_config, monkeypatch
   assert same_tree(calls["test"][0], best)               # tested: the best epoch's weights
   params, _ = checkpoint.load_params(result["model_path"])
   assert same_tree(params, best)                         # and saved as the final model
-  log = run_log(config)
+  log = read_run_log(config.output_dir)
   assert ("Early stopping after epoch 4: validation loss did not improve by 0.001 for 2 epochs "
           "(best 4.0000 at epoch 2)") in log
   assert "Restored the best weights: epoch 2 (val loss 4.0000)" in log
 
   # The early-stopping state and the best weights travel in each snapshot (mid-epoch ones too).
   steps_per_epoch = result["step"] // 4
-  snaps = checkpoint.Snapshots(f"{config.output_dir}/snapshots", 20, read_only=True)
-  assert any(s % steps_per_epoch for s in snaps.steps())
-  epoch3 = snaps.path(3 * steps_per_epoch)
+  steps = checkpoint.complete_steps(f"{config.output_dir}/snapshots")
+  assert any(s % steps_per_epoch for s in steps)
+  epoch3 = checkpoint.snapshot_path(f"{config.output_dir}/snapshots", 3 * steps_per_epoch)
   meta = checkpoint.read_meta(epoch3)
   assert meta["epoch"] == 3 and meta["index"] == 0
   saved_state = EarlyStopState.from_json(meta["early_stop"])
@@ -333,7 +320,7 @@ def test_trainer_stops_on_overfitting_and_keeps_best_epoch(tiny_config, monkeypa
   for h in history:  # the real training losses give the same decision
     state, _ = early_stop.update(state, config, h["epoch"], h["val_loss"], h["train_loss"])
   assert state.stopped and state.gap_growth_streak == 2 and state.best_epoch == 2
-  log = run_log(config)
+  log = read_run_log(config.output_dir)
   assert f"Early stopping after epoch 4: {state.reason}" in log
   assert state.reason.startswith("the validation-train gap grew by more than 0.01 for 2 epochs")
   assert "Restored the best weights: epoch 2 (val loss 5.0000)" in log

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from gptjax import evaluate, trainer
+from conftest import read_run_log
 
 
 def _evaluate(capsys, *args):
@@ -24,8 +25,7 @@ def test_evaluate_reproduces_the_trainers_losses_and_run_logs_samples(tiny_confi
                 sample_prompts="The game|In 1885 ,", sample_max_new_tokens=6)
   result = trainer.train_and_evaluate(config)
   capsys.readouterr()
-  logs = os.path.join(config.output_dir, "logs")
-  log = open(os.path.join(logs, os.listdir(logs)[0])).read()
+  log = read_run_log(config.output_dir)
   assert "Sample 1 | 'The game" in log and "Sample 2 | 'In 1885 ," in log
   events = os.path.join(config.output_dir, "tensorboard")
   blob = b"".join(open(os.path.join(events, f), "rb").read() for f in os.listdir(events))

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
 LAUNCHER = os.path.join(REPO, "run", "run_train_lm.sh")
 TRAINER = os.path.join(REPO, "gptjax", "train.py")
 LOCAL_DATASET = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-local"))

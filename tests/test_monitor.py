@@ -15,13 +15,12 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import read_tensorboard_scalars
+from conftest import REPO, read_run_log, read_tensorboard_scalars
 from gptjax import checkpoint, monitor, optim
 from gptjax.config import ConfigError, base_config, validate
 from gptjax.model import GPT, ModelConfig
 from gptjax.step import init_state, make_train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 16
 LAYERS = {f"block_{i}/{m}" for i in range(2) for m in ("attn", "mlp", "ln1", "ln2")} | {
     "wte", "wpe", "ln_f"}
@@ -307,8 +306,7 @@ def test_absurd_learning_rate_stops_cleanly_with_good_snapshots(tiny_config):
     assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves), path
   assert not os.path.exists(os.path.join(run_dir, "models"))    # no final model either
 
-  (log_path,) = glob.glob(os.path.join(run_dir, "logs", "*.log"))
-  log = open(log_path).read()
+  log = read_run_log(run_dir)
   assert f"Training stopped: {error[len('error: '):]}" in log
   assert re.search(r"\[grad step 1\] WARNING block_0/attn vanishing \(\S+ < 50\)", log)
   assert re.search(r"\[grad step \d+\] WARNING \S+ exploding \(\S+ > 100\)", log)

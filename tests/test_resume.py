@@ -24,8 +24,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from gptjax import checkpoint, optim, train, trainer
 from gptjax.config import FIELDS, ConfigError, base_config
+from conftest import REPO, same_tree
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a snapshot still being written
 SNAPSHOT_RE = re.compile(r"^snapshot_(\d+)$")
 # On top of tiny_config: 6 steps per epoch, a snapshot every 3 steps, snapshots kept.
@@ -96,9 +96,7 @@ def assert_same_run(history, params, test_loss, reference):
   print(f"max |param diff| {diff}; val losses {[h['val_loss'] for h in history]} (resumed) vs "
         f"{[h['val_loss'] for h in ref['history']]} (uninterrupted); test loss {test_loss} vs "
         f"{ref['test_loss']}")
-  assert jax.tree.structure(params) == jax.tree.structure(ref["params"])
-  assert all(jax.tree.leaves(jax.tree.map(
-      lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params, ref["params"])))
+  assert same_tree(params, ref["params"])
   assert history == ref["history"]  # epoch, step, train and validation loss of every epoch
   assert test_loss == ref["test_loss"]
 

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import read_tensorboard_scalars
+from conftest import REPO, read_tensorboard_scalars
 from gptjax import sharding
 from gptjax.config import ConfigError, base_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 epochs of 15 steps of 4 sequences of 16 tokens (~1K training tokens, ~600 and ~750 to
 # validate and test), every monitor on; dropout too (its masks must not depend on the mesh).
 LINES = {"train.txt": 12, "valid.txt": 12, "test.txt": 8}
