@@ -630,8 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  from gptjax import cli, sharding
-  sharding.set_multi_gpu_xla_flags()  # as gptjax.train does, before any device is touched
+  from gptjax import cli, xla_flags
+  xla_flags.set_defaults()  # as gptjax.train does, before any device is touched
   from gptjax.config import ConfigError
   argv = list(sys.argv[1:] if argv is None else argv)
   args, config_argv = build_parser().parse_known_args(argv)

@@ -35,17 +35,27 @@ def padded_vocab_size(n_vocab: int, multiple: int = 128) -> int:
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+def _gelu_tanh(x):
+  return x * (0.5 * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * (x * (x * x))))))
+
+
 @jax.custom_vjp
 def gelu(x):
-  """jax.nn.gelu(x, approximate=True) computed in float32 and returned in x's dtype.
+  """jax.nn.gelu(x, approximate=True), returned in x's dtype.
+
+  On GPU it is written in x's dtype and in exactly the form XLA's cuBLAS rewriter matches: applied
+  to the output of a 2-D matmul plus bias (see MLP), with the flags of gptjax.xla_flags, it becomes
+  that matmul's BIAS_GELU_AUX epilogue, computed in float32 on the accumulator. Elsewhere there is
+  no epilogue to match, and it runs in float32.
 
   The backward pass recomputes tanh from x (the MLP's saved pre-activation) behind an
   optimization barrier, so nothing else is saved. Autodiff through jax.nn.gelu makes XLA keep an
   extra activation-sized intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch
   32 (bench/PERF_LOG.md).
   """
-  xf = x.astype(jnp.float32)
-  return (0.5 * xf * (1.0 + jnp.tanh(_GELU_C * (xf + 0.044715 * xf * xf * xf)))).astype(x.dtype)
+  if jax.default_backend() == "gpu":
+    return _gelu_tanh(x)
+  return _gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -108,10 +118,14 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, *, deterministic: bool):
     cfg = self.config
-    h_BTF = nn.Dense(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(x_BTD)
-    h_BTF = gelu(h_BTF)
+    # On 2-D rows (N = B*T) the matmul is the GELU's direct operand, as cuBLASLt's epilogue
+    # fusion needs (gelu); through a reshape XLA would fuse no GELU, or compute the matmul twice.
+    B, T, D = x_BTD.shape
+    h_NF = nn.Dense(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(
+        x_BTD.reshape(B * T, D))
+    h_NF = gelu(h_NF)
     y_BTD = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj",
-                     kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(h_BTF)
+                     kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(h_NF).reshape(B, T, D)
     return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 

@@ -10,7 +10,6 @@ non-finite counts) are global. Several processes (one per machine, usually) join
 `jax.distributed.initialize`; each feeds only its rows of every global batch.
 """
 import os
-import re
 
 import jax
 import numpy as np
@@ -20,50 +19,6 @@ from gptjax.config import ConfigError, validate
 
 MESH_AXES = ("data", "fsdp")
 BATCH_SPEC = P(MESH_AXES)   # the batch axis split over every device
-
-# Why these GPU flags: the latency-hiding scheduler lets XLA overlap the gradient all-reduce (data)
-# and the weight all-gather / gradient reduce-scatter (fsdp) with the matmuls of neighbouring
-# layers, instead of running each collective between them; combining collectives into 128 MiB
-# transfers turns one small NCCL call per tensor into a few large ones near link bandwidth.
-# JAX's GPU performance tips recommend the scheduler (NVIDIA's JAX images turn it on); NVIDIA's
-# JAX-Toolbox performance guide documents the combine thresholds. One GPU needs none of this.
-MULTI_GPU_XLA_FLAGS = (
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
-    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
-    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
-    "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
-)
-
-
-def visible_gpu_count() -> int:
-  """NVIDIA GPUs this process may use, read from /dev and CUDA_VISIBLE_DEVICES (no CUDA call)."""
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  if platforms and not {"cuda", "gpu"} & set(platforms.split(",")):
-    return 0
-  try:
-    present = [d for d in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", d)]
-  except OSError:
-    return 0
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  if visible is None:
-    return len(present)
-  return min(len(present), len([d for d in visible.split(",") if d.strip() not in ("", "-1")]))
-
-
-def set_multi_gpu_xla_flags() -> bool:
-  """Adds MULTI_GPU_XLA_FLAGS to XLA_FLAGS when several GPUs are visible; True if it did.
-
-  Must run before JAX initializes its backends (XLA reads the variable once). A flag the user
-  already set in XLA_FLAGS wins. Nothing changes on CPU or with one GPU.
-  """
-  if visible_gpu_count() < 2:
-    return False
-  current = os.environ.get("XLA_FLAGS", "")
-  given = {f.split("=", 1)[0] for f in current.split()}
-  extra = [f for f in MULTI_GPU_XLA_FLAGS if f.split("=", 1)[0] not in given]
-  os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()
-  return bool(extra)
-
 
 def _launcher_process_count() -> int:
   """Processes started by Slurm (srun) or Open MPI (mpirun), the launchers JAX detects; else 1."""

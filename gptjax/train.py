@@ -31,11 +31,11 @@ def main(argv=None) -> int:
       from gptjax import docs
       print(docs.info() if "info" in actions else docs.explain())
       return 0
-    from gptjax import sharding, trainer
+    from gptjax import sharding, trainer, xla_flags
     if "check_only" in actions:
       trainer.check(config, explicit)
       return 0
-    sharding.set_multi_gpu_xla_flags()  # before the first device call, as both must be
+    xla_flags.set_defaults()  # before the first device call, as both must be
     sharding.initialize_distributed(config)
     result = trainer.train_and_evaluate(config, explicit=explicit, log_file=log_file)
   except ConfigError as e:

@@ -4,11 +4,13 @@ import importlib.util
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gptjax.config import CONFIGS_DIR, TOKENIZER_VOCAB
+from gptjax import model as model_lib
 from gptjax.model import GPT, ModelConfig, count_params, gelu, padded_vocab_size
 
 SMALL = ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, d_ff=64,
@@ -31,6 +33,29 @@ def test_gelu_and_its_gradient_match_jax():
   np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x), atol=1e-5)
   h = x.astype(jnp.bfloat16)
   assert gelu(h).dtype == jnp.bfloat16 and jax.grad(lambda h: jnp.sum(gelu(h)))(h).dtype == jnp.bfloat16
+
+
+def _expression(fn, x):
+  """fn's jaxpr on x as one nested expression, e.g. mul(x, add(1.0, x))."""
+  jaxpr = jax.make_jaxpr(fn)(x).jaxpr
+  made = {jaxpr.invars[0]: "x"}
+
+  def name(v):
+    return made[v] if not isinstance(v, jax.extend.core.Literal) else f"{float(v.val):.3g}"
+  for eqn in jaxpr.eqns:
+    made[eqn.outvars[0]] = (f"{eqn.primitive.name}("
+                            + ", ".join(name(v) for v in eqn.invars) + ")")
+  return made[jaxpr.outvars[0]]
+
+
+def test_gelu_on_gpu_is_the_form_xla_fuses_into_the_matmul():
+  # XLA's GemmRewriter turns x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x*x*x))) on a cuBLASLt
+  # matmul's output into its GELU epilogue only in this shape and in the matmul's own dtype: a
+  # convert to float32 or another grouping of the products leaves a separate pass over memory.
+  x = jnp.ones((4, 8), jnp.bfloat16)
+  assert _expression(model_lib._gelu_tanh, x) == (
+      "mul(x, mul(0.5, add(1, tanh(mul(0.797, add(x, mul(0.0447, mul(x, mul(x, x)))))))))")
+  assert model_lib._gelu_tanh(x).dtype == jnp.bfloat16
 
 
 def test_output_shape_and_dtype():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, read_tensorboard_scalars
-from gptjax import sharding
+from gptjax import sharding, xla_flags
 from gptjax.config import ConfigError, base_config
 
 # 2 epochs of 15 steps of 4 sequences of 16 tokens (~1K training tokens, ~600 and ~750 to
@@ -309,14 +309,27 @@ def test_weight_spec():
   assert sharding.weight_spec((768, 768), 1) == P()
 
 
-def test_single_process_and_cpu_leave_distributed_and_xla_flags_alone(monkeypatch):
+def test_single_process_leaves_distributed_alone(monkeypatch):
   for var in ("SLURM_PROCID", "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(var, raising=False)
   assert not sharding.initialize_distributed(base_config())
+
+
+def test_xla_flags_by_gpu_count_and_the_users_own_win(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert not sharding.set_multi_gpu_xla_flags()
+  assert xla_flags.visible_gpu_count() == 0 and xla_flags.set_defaults() == []
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+  added = xla_flags.set_defaults(gpus=1)
+  assert added == ["--xla_gpu_enable_cublaslt=true"]
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_gpu_enable_triton_gemm=true",
+                                              "--xla_gpu_enable_cublaslt=true"]
+  monkeypatch.delenv("XLA_FLAGS")
+  added = xla_flags.set_defaults(gpus=2)
+  assert added == list(xla_flags.GPU_XLA_FLAGS + xla_flags.MULTI_GPU_XLA_FLAGS)
+  assert xla_flags.set_defaults(gpus=2) == []  # nothing twice
 
 
 if __name__ == "__main__":
