@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import monitor
+from gptjax import kernels, monitor
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -52,15 +52,31 @@ def cross_entropy(logits_BTV, targets_BT):
   return _cross_entropy_fwd(logits_BTV, targets_BT)[0]
 
 
+def _loss_kernels() -> bool:
+  """Whether the loss's passes over the logits run as gptjax.kernels' Pallas kernels: on one GPU.
+  With several devices the logits are sharded, and XLA's partitioner can split its own fusions
+  but not a kernel, so the loss stays in XLA there (and on CPU and TPU)."""
+  return jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
 def _cross_entropy_fwd(logits_BTV, targets_BT):
   x_BTV = logits_BTV.astype(jnp.float32)
-  lse_BT = logsumexp_one_pass(x_BTV)
+  if _loss_kernels():
+    lse_BT = kernels.logsumexp(logits_BTV.reshape(-1, logits_BTV.shape[-1])).reshape(
+        targets_BT.shape)
+  else:
+    lse_BT = logsumexp_one_pass(x_BTV)
   target_BT = jnp.take_along_axis(x_BTV, targets_BT[..., None], axis=-1)[..., 0]
   return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
 
 
 def _cross_entropy_bwd(residuals, g_BT):
   logits_BTV, targets_BT, lse_BT = residuals
+  if _loss_kernels():
+    d_NV = kernels.softmax_cross_entropy_grad(
+        logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
+        lse_BT.reshape(-1), g_BT.reshape(-1).astype(jnp.float32))
+    return d_NV.reshape(logits_BTV.shape), None
   p_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - lse_BT[..., None])
   onehot_BTV = targets_BT[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2)
   return ((p_BTV - onehot_BTV) * g_BT[..., None]).astype(logits_BTV.dtype), None

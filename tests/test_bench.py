@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import bench, cli, step, trainer
+from gptjax import bench, cli, kernels, step, trainer
 from gptjax.config import TOKENIZER_VOCAB
 from gptjax.model import count_params
 
@@ -18,10 +18,14 @@ SHRUNK = ["--config.d_model=32", "--config.num_heads=2", "--config.num_layers=1"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cross_entropy_matches_optax(dtype):
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
+def test_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
+  # On one GPU the loss runs gptjax.kernels' Pallas kernels; here they run in Pallas' interpreter
+  # through the same custom VJP. 2125 = one full block of the logsumexp kernel and a partial one.
+  monkeypatch.setattr(step, "_loss_kernels", lambda: pallas)
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  logits = (3 * jax.random.normal(k1, (3, 5, 97))).astype(dtype)
-  targets = jax.random.randint(k2, (3, 5), 0, 97)
+  logits = (3 * jax.random.normal(k1, (3, 5, 2125))).astype(dtype)
+  targets = jax.random.randint(k2, (3, 5), 0, 2125)
   weights = jax.random.normal(k3, (3, 5))
   ours = lambda x: jnp.sum(step.cross_entropy(x, targets) * weights)
   plain = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
@@ -40,6 +44,9 @@ def test_one_pass_logsumexp_matches_jax():
   np.testing.assert_allclose(jax.jit(step.logsumexp_one_pass)(x),
                              jax.nn.logsumexp(x, axis=-1), rtol=1e-6)
   assert float(step.logsumexp_one_pass(jnp.full((1, 8), -jnp.inf))[0]) == -np.inf
+  np.testing.assert_allclose(kernels.logsumexp(x.reshape(12, 1000)),
+                             jax.nn.logsumexp(x, axis=-1).reshape(12), rtol=1e-6)
+  assert float(kernels.logsumexp(jnp.full((1, 8), -jnp.inf))[0]) == -np.inf
 
 
 def test_step_row_in_its_own_process(tmp_path, capsys):
