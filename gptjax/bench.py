@@ -279,6 +279,8 @@ def _category(name: str) -> str:
 
 
 _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "mlp": "MLP"}
+# gptjax.kernels' Pallas kernels: their GPU kernels carry the pallas_call's name, not an HLO one.
+_KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward"}
 
 
 def model_part(op_name: str) -> str:
@@ -341,7 +343,8 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
   for (name, op), (_, t) in kernels.items():
     categories[_category(name)] = categories.get(_category(name), 0.0) + t
     op_name = (op_names or {}).get(op) or (op_names or {}).get(name)
-    part = model_part(op_name) if op_name else f"{_category(name)} (not attributed)"
+    part = (model_part(op_name) if op_name else _KERNEL_PARTS.get(name)
+            or f"{_category(name)} (not attributed)")
     parts[part] = parts.get(part, 0.0) + t
   top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:_TRACE_TOP]
   per_step = lambda ns: ns / n_steps / 1e6
