@@ -1,6 +1,8 @@
 """gptjax.bench on the CPU: each mode runs a shrunken config end to end and reports consistent
 figures; the bf16-friendly cross-entropy of gptjax.step equals optax's."""
+import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import REPO
 from gptjax import bench, cli, kernels, step, trainer
 from gptjax.config import TOKENIZER_VOCAB
 from gptjax.model import count_params
@@ -148,3 +151,14 @@ def test_best_batch_size_per_config():
       "medium": (64, [32, 64]), "medium dropout=0.1": (32, [32, 64])}
   text = bench.format_best(rows, 989.0)
   assert "best batch size for medium: 64 (495,000 tok/s" in text and "tiny" not in text
+
+
+def test_loss_kernel_benchmark_script_agrees_with_xla():
+  path = os.path.join(REPO, "bench", "loss_kernels.py")
+  spec = importlib.util.spec_from_file_location("loss_kernels", path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  results = script.main(["--rows", "8", "--vocab", "2500", "--calls", "1"])
+  assert set(results) == {"logsumexp, XLA", "logsumexp, Pallas", "d(logits), XLA",
+                          "d(logits), Pallas"}
+  assert all(err < 1e-4 for _, err in results.values())

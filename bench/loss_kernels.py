@@ -1,0 +1,75 @@
+"""Times the loss's two passes over bf16 logits, XLA against gptjax.kernels' Pallas kernels.
+
+    python bench/loss_kernels.py                       # 32768 x 50304: medium, batch 32
+    python bench/loss_kernels.py --rows 64 --vocab 3000  # a quick check (CPU: Pallas interpreter)
+
+Prints ms per call (median of 3 windows), the memory bandwidth it implies and the largest
+difference from the reference (jax.nn.logsumexp; the XLA d(logits) of gptjax.step).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+from gptjax import kernels, step  # noqa: E402
+
+
+def lse_xla(x):
+  return step.logsumexp_one_pass(x.astype(jnp.float32))
+
+
+def dlogits_xla(x, t, lse, g):
+  p = jnp.exp(x.astype(jnp.float32) - lse[:, None])
+  onehot = t[:, None] == lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return ((p - onehot) * g[:, None]).astype(x.dtype)
+
+
+def time_ms(f, *args, n=20):
+  f = jax.jit(f)
+  out = jax.block_until_ready(f(*args))
+  windows = []
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(n):
+      out = f(*args)
+    jax.block_until_ready(out)
+    windows.append((time.perf_counter() - t) / n * 1e3)
+  return sorted(windows)[1], out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--rows", type=int, default=32768)
+  p.add_argument("--vocab", type=int, default=50304)
+  p.add_argument("--calls", type=int, default=20, help="calls per timed window")
+  args = p.parse_args(argv)
+  print(f"{jax.devices()[0].device_kind}: logits {args.rows} x {args.vocab} bf16")
+  kx, kt, kg = jax.random.split(jax.random.key(0), 3)
+  x = (4 * jax.random.normal(kx, (args.rows, args.vocab))).astype(jnp.bfloat16)
+  t = jax.random.randint(kt, (args.rows,), 0, args.vocab)
+  g = jax.random.uniform(kg, (args.rows,))
+  lse_ref = jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
+  d_ref = dlogits_xla(x, t, lse_ref, g).astype(jnp.float32)
+  gb = x.size * x.dtype.itemsize / 1e9
+  results = {}
+  for name, f, fargs, ref, traffic in [
+      ("logsumexp, XLA", lse_xla, (x,), lse_ref, gb),
+      ("logsumexp, Pallas", kernels.logsumexp, (x,), lse_ref, gb),
+      ("d(logits), XLA", dlogits_xla, (x, t, lse_ref, g), d_ref, 2 * gb),
+      ("d(logits), Pallas", kernels.softmax_cross_entropy_grad, (x, t, lse_ref, g), d_ref, 2 * gb)]:
+    ms, out = time_ms(f, *fargs, n=args.calls)
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+    results[name] = (ms, err)
+    print(f"{name:20s} {ms:8.3f} ms  {traffic / ms:6.2f} TB/s  max difference {err:.2e}",
+          flush=True)
+  return results
+
+
+if __name__ == "__main__":
+  main()
