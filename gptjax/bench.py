@@ -303,6 +303,14 @@ def model_part(op_name: str) -> str:
   return "optimizer and update"
 
 
+def kernel_part(name: str, op_name=None) -> str:
+  """The part of the step a GPU kernel belongs to: from its HLO op's op_name where it has one,
+  else from the name of one of gptjax.kernels' Pallas kernels, else its category."""
+  if op_name:
+    return model_part(op_name)
+  return _KERNEL_PARTS.get(name) or f"{_category(name)} (not attributed)"
+
+
 def hlo_op_names(hlo_text: str) -> dict:
   """{instruction name: op_name} of a compiled program's HLO; GPU kernels of XLA's own fusions
   are named after the instruction with '.' written as '_', so both spellings are keys."""
@@ -342,9 +350,7 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
   categories, parts = {}, {}
   for (name, op), (_, t) in kernels.items():
     categories[_category(name)] = categories.get(_category(name), 0.0) + t
-    op_name = (op_names or {}).get(op) or (op_names or {}).get(name)
-    part = (model_part(op_name) if op_name else _KERNEL_PARTS.get(name)
-            or f"{_category(name)} (not attributed)")
+    part = kernel_part(name, (op_names or {}).get(op) or (op_names or {}).get(name))
     parts[part] = parts.get(part, 0.0) + t
   top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:_TRACE_TOP]
   per_step = lambda ns: ns / n_steps / 1e6

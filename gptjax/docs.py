@@ -79,7 +79,8 @@ MODEL
   Initialisation as GPT-2: normal(0, 0.02), residual output projections scaled by
   1/sqrt(2 * num_layers), LayerNorm scale 1 and bias 0.
   Precision: parameters and optimizer state are float32; activations are computed in bfloat16 on
-  GPU/TPU (float32 on CPU; --compute_dtype); logits and the loss are float32.
+  GPU/TPU (float32 on CPU; --compute_dtype); the logits are computed in that dtype and the loss
+  from them in float32 (logsumexp and target logit upcast inside the reduction).
   Vocabulary size by --tokenizer:
     {vocab}.
   The embedding is padded to a multiple of 128 rows for fast matrix multiplies; the padding
@@ -174,7 +175,9 @@ DEVICES AND MACHINES
   parameters and optimizer state over the devices (for models larger than one card). Several
   machines: the same command on each, with --config.coordinator_address=HOST0:PORT
   --config.num_processes=N --config.process_id=i (detected by itself under Slurm or Open MPI).
-  With two or more GPUs gptjax turns on XLA's latency-hiding scheduler and combines collectives.
+  On any GPU gptjax adds --xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false to
+  XLA_FLAGS (bias, residual add and GELU fused into the matmuls); with two or more it also turns
+  on XLA's latency-hiding scheduler and combines collectives. A flag already in XLA_FLAGS wins.
 
 USING THE MODEL
   python -m gptjax.evaluate --model result/lm_X/models/model_<TS> --split test   (loss, ppl,

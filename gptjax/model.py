@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax import xla_flags
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -43,17 +45,18 @@ def _gelu_tanh(x):
 def gelu(x):
   """jax.nn.gelu(x, approximate=True), returned in x's dtype.
 
-  On GPU it is written in x's dtype and in exactly the form XLA's cuBLAS rewriter matches: applied
-  to the output of a 2-D matmul plus bias (see MLP), with the flags of gptjax.xla_flags, it becomes
-  that matmul's BIAS_GELU_AUX epilogue, computed in float32 on the accumulator. Elsewhere there is
-  no epilogue to match, and it runs in float32.
+  On a GPU with gptjax.xla_flags' epilogue flags in effect it is written in x's dtype and in
+  exactly the form XLA's cuBLAS rewriter matches: applied to the output of a 2-D matmul plus bias
+  (see MLP) it becomes that matmul's BIAS_GELU_AUX epilogue, computed in float32 on the
+  accumulator. Elsewhere there is no epilogue to match, and it runs in float32 (in bf16 element by
+  element it would lose precision).
 
   The backward pass recomputes tanh from x (the MLP's saved pre-activation) behind an
   optimization barrier, so nothing else is saved. Autodiff through jax.nn.gelu makes XLA keep an
   extra activation-sized intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch
   32 (bench/PERF_LOG.md).
   """
-  if jax.default_backend() == "gpu":
+  if jax.default_backend() == "gpu" and xla_flags.epilogue_fusion_on():
     return _gelu_tanh(x)
   return _gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
 

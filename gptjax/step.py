@@ -77,9 +77,15 @@ def _cross_entropy_bwd(residuals, g_BT):
         logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
         lse_BT.reshape(-1), g_BT.reshape(-1).astype(jnp.float32))
     return d_NV.reshape(logits_BTV.shape), None
-  p_BTV = jnp.exp(logits_BTV.astype(jnp.float32) - lse_BT[..., None])
-  onehot_BTV = targets_BT[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits_BTV.shape, 2)
-  return ((p_BTV - onehot_BTV) * g_BT[..., None]).astype(logits_BTV.dtype), None
+  return softmax_cross_entropy_grad(logits_BTV, targets_BT, lse_BT, g_BT), None
+
+
+def softmax_cross_entropy_grad(logits, targets, lse, g):
+  """XLA's d(logits) of per-row cross-entropies with upstream gradients g, in the logits' dtype:
+  (exp(logits - lse) - onehot(targets)) * g, one fused pass (kernels has the Pallas one)."""
+  p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+  onehot = targets[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return ((p - onehot) * g[..., None]).astype(logits.dtype)
 
 
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)

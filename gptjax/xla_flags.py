@@ -54,6 +54,12 @@ def add(flags) -> list:
   return extra
 
 
+def epilogue_fusion_on() -> bool:
+  """Whether XLA_FLAGS holds GPU_XLA_FLAGS as given here (a user's own value may turn them off)."""
+  current = dict(f.split("=", 1) for f in os.environ.get("XLA_FLAGS", "").split() if "=" in f)
+  return all(current.get(k) == v for k, v in (f.split("=", 1) for f in GPU_XLA_FLAGS))
+
+
 def set_defaults(gpus: int = None) -> list:
   """Adds GPU_XLA_FLAGS where a GPU is visible and MULTI_GPU_XLA_FLAGS where several are."""
   gpus = visible_gpu_count() if gpus is None else gpus

@@ -24,8 +24,11 @@ SHRUNK = ["--config.d_model=32", "--config.num_heads=2", "--config.num_layers=1"
 @pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
 def test_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
   # On one GPU the loss runs gptjax.kernels' Pallas kernels; here they run in Pallas' interpreter
-  # through the same custom VJP. 2125 = one full block of the logsumexp kernel and a partial one.
+  # through the same custom VJP.
   monkeypatch.setattr(step, "_loss_kernels", lambda: pallas)
+  # Small blocks: both kernels' loops then run several blocks and a partial last one.
+  monkeypatch.setattr(kernels, "LSE_BLOCK", 256)
+  monkeypatch.setattr(kernels, "DLOGITS_BLOCK", 512)
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   logits = (3 * jax.random.normal(k1, (3, 5, 2125))).astype(dtype)
   targets = jax.random.randint(k2, (3, 5), 0, 2125)
@@ -50,6 +53,13 @@ def test_one_pass_logsumexp_matches_jax():
   np.testing.assert_allclose(kernels.logsumexp(x.reshape(12, 1000)),
                              jax.nn.logsumexp(x, axis=-1).reshape(12), rtol=1e-6)
   assert float(kernels.logsumexp(jnp.full((1, 8), -jnp.inf))[0]) == -np.inf
+
+
+def test_pallas_logsumexp_carries_a_row_of_minus_inf_into_later_blocks(monkeypatch):
+  monkeypatch.setattr(kernels, "LSE_BLOCK", 128)
+  x = 30 * jax.random.normal(jax.random.key(2), (3, 1000))
+  x = x.at[0, :300].set(-jnp.inf).at[1, 500:].set(-jnp.inf).at[2].set(-jnp.inf)
+  np.testing.assert_allclose(kernels.logsumexp(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6)
 
 
 def test_step_row_in_its_own_process(tmp_path, capsys):
@@ -122,6 +132,14 @@ def test_bad_input_exits_2(bad, capsys):
   assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
+def test_part_of_a_gpu_kernel():
+  assert bench.kernel_part("logsumexp_rows") == "loss forward"
+  assert bench.kernel_part("softmax_cross_entropy_grad") == "loss backward"
+  assert bench.kernel_part("input_reduce_fusion_3",
+                           "jit(train_step)/transpose(jvp(GPT))/ln_f/mul") == "LayerNorm backward"
+  assert bench.kernel_part("nvjet_sm90_tst_128x128_64x6") == "matmul (not attributed)"
+
+
 def test_model_part_of_an_hlo_op():
   part = lambda op: bench.model_part("jit(train_step)/" + op)
   assert part("transpose(jvp(GPT))/block_11/mlp/fc/reduce_sum") == "MLP backward"
@@ -161,4 +179,6 @@ def test_loss_kernel_benchmark_script_agrees_with_xla():
   results = script.main(["--rows", "8", "--vocab", "2500", "--calls", "1"])
   assert set(results) == {"logsumexp, XLA", "logsumexp, Pallas", "d(logits), XLA",
                           "d(logits), Pallas"}
-  assert all(err < 1e-4 for _, err in results.values())
+  assert results["logsumexp, XLA"][1] < 1e-4 and results["logsumexp, Pallas"][1] < 1e-4
+  # d(logits) is written in bf16: off from the float32 reference by at most its rounding.
+  assert results["d(logits), XLA"][1] < 1e-2 and results["d(logits), Pallas"][1] < 1e-2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptjax.config import CONFIGS_DIR, TOKENIZER_VOCAB
-from gptjax import model as model_lib
+from gptjax import model as model_lib, xla_flags
 from gptjax.model import GPT, ModelConfig, count_params, gelu, padded_vocab_size
 
 SMALL = ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, d_ff=64,
@@ -56,6 +56,25 @@ def test_gelu_on_gpu_is_the_form_xla_fuses_into_the_matmul():
   assert _expression(model_lib._gelu_tanh, x) == (
       "mul(x, mul(0.5, add(1, tanh(mul(0.797, add(x, mul(0.0447, mul(x, mul(x, x)))))))))")
   assert model_lib._gelu_tanh(x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("flags_on", [True, False])
+def test_gelu_runs_in_bf16_only_where_xla_fuses_it(monkeypatch, request, flags_on):
+  # On a GPU with gptjax.xla_flags' epilogue flags, gelu is the bf16 form that cuBLASLt computes
+  # in float32; without them (a user's own XLA_FLAGS, or gptjax used as a library) it upcasts.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("XLA_FLAGS", " ".join(xla_flags.GPU_XLA_FLAGS) if flags_on
+                     else "--xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=true")
+  x = (4 * jax.random.normal(jax.random.key(0), (64, 50))).astype(jnp.bfloat16)
+  jax.clear_caches()  # gelu's form is fixed when first traced: the process's flags never change
+  request.addfinalizer(jax.clear_caches)
+  (call,) = jax.make_jaxpr(gelu)(x).jaxpr.eqns
+  prims = {e.primitive.name for e in call.params["call_jaxpr"].eqns}
+  assert ("convert_element_type" in prims) != flags_on
+  assert gelu(x).dtype == jnp.bfloat16
+  np.testing.assert_allclose(gelu(x).astype(np.float32),
+                             jax.nn.gelu(x.astype(jnp.float32), approximate=True),
+                             rtol=0.05 if flags_on else 0.01, atol=0.02 if flags_on else 0.01)
 
 
 def test_output_shape_and_dtype():
