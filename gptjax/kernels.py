@@ -40,14 +40,14 @@ def _logsumexp_kernel(x_ref, out_ref, *, block: int):
   out_ref[...] = m + jnp.log(s)
 
 
-def logsumexp(x_NV):
-  """logsumexp over the last axis of a 2-D array, in float32: one read of x."""
+def logsumexp(x):
+  """logsumexp over the last axis, in float32: one read of x (one program per row)."""
   call = pl.pallas_call(
       functools.partial(_logsumexp_kernel, block=LSE_BLOCK),
       out_shape=jax.ShapeDtypeStruct((), jnp.float32), grid=(),
       compiler_params=plgpu.CompilerParams(num_warps=LSE_WARPS, num_stages=1),
       interpret=_interpret(), name="logsumexp_rows")
-  return jax.vmap(call)(x_NV)
+  return jax.vmap(call)(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
 
 
 def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: int):
@@ -63,12 +63,15 @@ def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: i
     plgpu.store(out_ref.at[col], d.astype(out_ref.dtype), mask=mask)
 
 
-def softmax_cross_entropy_grad(x_NV, targets_N, lse_N, g_N):
-  """d(loss)/d(logits) of per-row cross-entropies with upstream gradients g, in x's dtype:
-  (softmax(x) - onehot(target)) * g, with softmax(x) = exp(x - lse)."""
+def softmax_cross_entropy_grad(logits, targets, lse, g):
+  """d(loss)/d(logits) of per-row cross-entropies with upstream gradients g, in the logits' dtype:
+  (softmax(logits) - onehot(targets)) * g, with softmax = exp(logits - lse); as
+  gptjax.step.softmax_cross_entropy_grad (targets, lse and g: the logits' shape less the last)."""
   call = pl.pallas_call(
       functools.partial(_softmax_grad_kernel, block=DLOGITS_BLOCK),
-      out_shape=jax.ShapeDtypeStruct(x_NV.shape[1:], x_NV.dtype), grid=(),
+      out_shape=jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), grid=(),
       compiler_params=plgpu.CompilerParams(num_warps=DLOGITS_WARPS, num_stages=1),
       interpret=_interpret(), name="softmax_cross_entropy_grad")
-  return jax.vmap(call)(x_NV, targets_N, lse_N, g_N)
+  rows = jax.vmap(call)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                        lse.reshape(-1), g.reshape(-1).astype(jnp.float32))
+  return rows.reshape(logits.shape)

@@ -26,8 +26,10 @@ def init_state(model, tx, rng, seq_len: int) -> TrainState:
 
 
 def logsumexp_one_pass(x_BTV):
-  """logsumexp over the last axis in one read of x: a variadic reduction of the running max and
-  the sum of exp(x - max), where jax.nn.logsumexp reads x twice (the max, then the sum)."""
+  """logsumexp over the last axis, in float32, in one read of x: a variadic reduction of the
+  running max and the sum of exp(x - max), where jax.nn.logsumexp reads x twice (the max, then
+  the sum). XLA fuses the upcast of bf16 logits into the reduction."""
+  x_BTV = x_BTV.astype(jnp.float32)
   def combine(a, b):
     (m1, s1), (m2, s2) = a, b
     first = m1 >= m2
@@ -60,24 +62,15 @@ def _loss_kernels() -> bool:
 
 
 def _cross_entropy_fwd(logits_BTV, targets_BT):
-  x_BTV = logits_BTV.astype(jnp.float32)
-  if _loss_kernels():
-    lse_BT = kernels.logsumexp(logits_BTV.reshape(-1, logits_BTV.shape[-1])).reshape(
-        targets_BT.shape)
-  else:
-    lse_BT = logsumexp_one_pass(x_BTV)
-  target_BT = jnp.take_along_axis(x_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
+  logsumexp = kernels.logsumexp if _loss_kernels() else logsumexp_one_pass
+  lse_BT = logsumexp(logits_BTV)
+  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return lse_BT - target_BT.astype(jnp.float32), (logits_BTV, targets_BT, lse_BT)
 
 
 def _cross_entropy_bwd(residuals, g_BT):
-  logits_BTV, targets_BT, lse_BT = residuals
-  if _loss_kernels():
-    d_NV = kernels.softmax_cross_entropy_grad(
-        logits_BTV.reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1),
-        lse_BT.reshape(-1), g_BT.reshape(-1).astype(jnp.float32))
-    return d_NV.reshape(logits_BTV.shape), None
-  return softmax_cross_entropy_grad(logits_BTV, targets_BT, lse_BT, g_BT), None
+  grad = kernels.softmax_cross_entropy_grad if _loss_kernels() else softmax_cross_entropy_grad
+  return grad(*residuals, g_BT), None
 
 
 def softmax_cross_entropy_grad(logits, targets, lse, g):

@@ -45,10 +45,15 @@ def visible_gpu_count() -> int:
   return min(len(present), len([d for d in visible.split(",") if d.strip() not in ("", "-1")]))
 
 
+def _flags(text: str) -> dict:
+  """{'--name': value or None} of a space-separated flag string such as XLA_FLAGS."""
+  return dict((f.split("=", 1) + [None])[:2] for f in text.split())
+
+
 def add(flags) -> list:
   """Appends `flags` to XLA_FLAGS, each unless the variable already names it; the ones added."""
   current = os.environ.get("XLA_FLAGS", "")
-  given = {f.split("=", 1)[0] for f in current.split()}
+  given = _flags(current)
   extra = [f for f in flags if f.split("=", 1)[0] not in given]
   os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()
   return extra
@@ -56,8 +61,8 @@ def add(flags) -> list:
 
 def epilogue_fusion_on() -> bool:
   """Whether XLA_FLAGS holds GPU_XLA_FLAGS as given here (a user's own value may turn them off)."""
-  current = dict(f.split("=", 1) for f in os.environ.get("XLA_FLAGS", "").split() if "=" in f)
-  return all(current.get(k) == v for k, v in (f.split("=", 1) for f in GPU_XLA_FLAGS))
+  current = _flags(os.environ.get("XLA_FLAGS", ""))
+  return _flags(" ".join(GPU_XLA_FLAGS)).items() <= current.items()
 
 
 def set_defaults(gpus: int = None) -> list:
