@@ -280,7 +280,8 @@ def _category(name: str) -> str:
 
 _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "mlp": "MLP"}
 # gptjax.kernels' Pallas kernels: their GPU kernels carry the pallas_call's name, not an HLO one.
-_KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward"}
+_KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward",
+                 "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward"}
 
 
 def model_part(op_name: str) -> str:

@@ -1,11 +1,21 @@
-"""Pallas (Triton) GPU kernels for the loss's two passes over the logits, the step's largest arrays.
+"""Pallas (Triton) GPU kernels for the step's memory-bound passes, used on one GPU (`enabled`).
 
-The cross-entropy reads the (B*T, vocab) bf16 logits twice: once for each row's logsumexp
+Loss. The cross-entropy reads the (B*T, vocab) bf16 logits twice: once for each row's logsumexp
 (forward) and once to write d(logits) = softmax - onehot (backward). These are pure memory
 traffic, 3.3 GB each at the medium preset's batch 32. XLA's fused reduction reaches 1.7 TB/s on
 an H100 for the first, where one Triton program per row, streaming the row in blocks with an
 online max, reaches 2.9 TB/s (3.35 is the card's peak); the second gains less (2.7 -> 2.9 TB/s).
 bench/PERF_LOG.md has the figures.
+
+GELU. `bias_gelu_grad` is the backward pass of the MLP's GELU(x W + b): d(pre-activation) and the
+bias gradient from one read of the saved pre-activation and of d(y), where XLA reduced the bias
+gradient alongside at about 2.5 TB/s.
+
+LayerNorm. `layer_norm` normalizes rows of d_model in one read and one write; its backward pass
+reads x, d(y) and, with `residual`, the residual stream's own gradient once each, and writes d(x)
+with that gradient already added, the scale and bias gradients reduced in the same kernel (one
+float32 partial per program). XLA splits the same backward into several reductions, each
+re-reading the activations.
 
 Off GPU the same kernels run in Pallas' interpreter (slow; the tests use it on small arrays).
 """
@@ -19,6 +29,20 @@ from jax.experimental.pallas import triton as plgpu
 
 LSE_BLOCK, LSE_WARPS = 2048, 4           # measured best of 2048..8192 x 4..16 on one H100
 DLOGITS_BLOCK, DLOGITS_WARPS = 4096, 8
+
+
+# GELU backward's (rows per block, blocks per program, warps, stages, columns per block)
+GELU_BLOCKS = (2, 16, 8, 1, 1024)
+# LayerNorm kernels' (rows per block, blocks per program, warps, pipeline stages)
+LN_FWD_BLOCKS = (2, 8, 2, 1)
+LN_BWD_BLOCKS = (4, 16, 8, 1)
+
+
+def enabled() -> bool:
+  """Whether the step uses these kernels: on one GPU. With several devices the arrays are sharded,
+  and XLA's partitioner can split its own fusions but not a kernel, so XLA's versions run there
+  (and on CPU and TPU)."""
+  return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
 def _interpret() -> bool:
@@ -75,3 +99,176 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
   rows = jax.vmap(call)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                         lse.reshape(-1), g.reshape(-1).astype(jnp.float32))
   return rows.reshape(logits.shape)
+
+
+def _columns(d: int):
+  col = jnp.arange(pl.next_power_of_2(d))   # Triton blocks are powers of 2; the rest is masked
+  return col, col < d
+
+
+def _rows(program, i, rows: int, steps: int, n: int):
+  row = (program * steps + i) * rows + jnp.arange(rows)
+  return row, row < n
+
+
+def _layer_norm_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float,
+                           rows: int, steps: int):
+  n, d = x_ref.shape
+  col, cmask = _columns(d)
+  scale = plgpu.load(scale_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
+  bias = plgpu.load(bias_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
+  program = pl.program_id(0)   # read here: Pallas' interpreter has none inside the loop
+
+  @pl.loop(0, steps)
+  def _(i):
+    row, rmask = _rows(program, i, rows, steps, n)
+    mask = rmask[:, None] & cmask[None, :]
+    x = plgpu.load(x_ref.at[row[:, None], col[None, :]], mask=mask, other=0.0).astype(jnp.float32)
+    mean = jnp.sum(x, axis=1) / d
+    xc = jnp.where(cmask[None, :], x - mean[:, None], 0.0)
+    rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1) / d + eps)
+    y = xc * rstd[:, None] * scale[None, :] + bias[None, :]
+    plgpu.store(y_ref.at[row[:, None], col[None, :]], y.astype(y_ref.dtype), mask=mask)
+    plgpu.store(mean_ref.at[row], mean, mask=rmask)
+    plgpu.store(rstd_ref.at[row], rstd, mask=rmask)
+
+
+def _layer_norm_bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, rows: int,
+                           steps: int, residual: bool):
+  dres_ref, (dx_ref, dscale_ref, dbias_ref) = (refs[0], refs[1:]) if residual else (None, refs)
+  n, d = x_ref.shape
+  col, cmask = _columns(d)
+  scale = plgpu.load(scale_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
+  program = pl.program_id(0)
+
+  def body(i, carry):
+    dscale, dbias = carry    # per row of the block; summed over the rows once, at the end
+    row, rmask = _rows(program, i, rows, steps, n)
+    mask = rmask[:, None] & cmask[None, :]
+    at = (row[:, None], col[None, :])
+    x = plgpu.load(x_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+    dy = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+    mean = plgpu.load(mean_ref.at[row], mask=rmask, other=0.0)
+    rstd = plgpu.load(rstd_ref.at[row], mask=rmask, other=0.0)
+    xhat = (x - mean[:, None]) * rstd[:, None]       # 0 where masked: x, mean and rstd are 0
+    wdy = dy * scale[None, :]
+    c1 = jnp.sum(xhat * wdy, axis=1) / d
+    c2 = jnp.sum(wdy, axis=1) / d
+    dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if residual:
+      dx += plgpu.load(dres_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+    plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
+    return dscale + dy * xhat, dbias + dy
+
+  zeros = jnp.zeros((rows, col.shape[0]), jnp.float32)
+  dscale, dbias = lax.fori_loop(0, steps, body, (zeros, zeros))
+  at = (jnp.full((1, 1), program), col[None, :])   # this program's partial sums
+  plgpu.store(dscale_ref.at[at], jnp.sum(dscale, axis=0)[None, :], mask=cmask[None, :])
+  plgpu.store(dbias_ref.at[at], jnp.sum(dbias, axis=0)[None, :], mask=cmask[None, :])
+
+
+def _layer_norm_call(kernel, blocks, name: str, n: int, out_shape, **params):
+  rows, steps, warps, stages = blocks
+  programs = pl.cdiv(n, rows * steps)
+  return pl.pallas_call(
+      functools.partial(kernel, rows=rows, steps=steps, **params),
+      out_shape=out_shape(programs), grid=(programs,),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      interpret=_interpret(), name=name)
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  x_ND = x.reshape(-1, x.shape[-1])
+  n, d = x_ND.shape
+  out_shape = lambda _: (jax.ShapeDtypeStruct((n, d), x.dtype),
+                         jax.ShapeDtypeStruct((n,), jnp.float32),
+                         jax.ShapeDtypeStruct((n,), jnp.float32))
+  y_ND, mean_N, rstd_N = _layer_norm_call(_layer_norm_fwd_kernel, LN_FWD_BLOCKS, "layer_norm_fwd",
+                                          n, out_shape, eps=eps)(x_ND, scale, bias)
+  return y_ND.reshape(x.shape), (x_ND, scale, mean_N, rstd_N)
+
+
+def _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres):
+  n, d = x_ND.shape
+  residual = dres is not None
+  out_shape = lambda programs: (jax.ShapeDtypeStruct((n, d), x_ND.dtype),
+                                jax.ShapeDtypeStruct((programs, d), jnp.float32),
+                                jax.ShapeDtypeStruct((programs, d), jnp.float32))
+  args = [x_ND, dy.reshape(n, d), mean_N, rstd_N, scale] + ([dres.reshape(n, d)] if residual else [])
+  dx_ND, dscale_PD, dbias_PD = _layer_norm_call(_layer_norm_bwd_kernel, LN_BWD_BLOCKS,
+                                                "layer_norm_bwd", n, out_shape, residual=residual)(*args)
+  return dx_ND.reshape(dy.shape), dscale_PD.sum(0).astype(scale.dtype), dbias_PD.sum(0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps: float, residual: bool):
+  """LayerNorm over the last axis (statistics in float32, output in x's dtype), as
+  flax.linen.LayerNorm. With `residual` it returns (x, y): the caller continues the residual
+  stream from this x, so that the backward pass adds the stream's gradient into d(x) itself."""
+  y = _layer_norm_fwd(x, scale, bias, eps)[0]
+  return (x, y) if residual else y
+
+
+def _layer_norm_vjp_fwd(x, scale, bias, eps, residual):
+  y, saved = _layer_norm_fwd(x, scale, bias, eps)
+  return ((x, y) if residual else y), (saved, jnp.zeros((0,), bias.dtype))
+
+
+def _layer_norm_vjp_bwd(eps, residual, saved, g):
+  del eps
+  (x_ND, scale, mean_N, rstd_N), bias_dtype_ = saved   # an empty array of the bias's dtype
+  dres, dy = g if residual else (None, g)
+  dx, dscale, dbias = _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres)
+  return dx, dscale, dbias.astype(bias_dtype_.dtype)
+
+
+layer_norm.defvjp(_layer_norm_vjp_fwd, _layer_norm_vjp_bwd)
+
+
+_GELU_C = 0.7978845608028654   # sqrt(2 / pi)
+
+
+def gelu_tanh_grad(x):
+  """d/dx of the tanh-approximated GELU, for float32 x (jnp: used inside the kernel and by
+  gptjax.model's XLA path alike)."""
+  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _bias_gelu_grad_kernel(x_ref, dy_ref, dx_ref, db_ref, *, rows: int, steps: int, cols: int):
+  n, f = x_ref.shape
+  program = pl.program_id(0)
+  col = pl.program_id(1) * cols + jnp.arange(cols)
+  cmask = col < f
+
+  def body(i, db):
+    row, rmask = _rows(program, i, rows, steps, n)
+    mask = rmask[:, None] & cmask[None, :]
+    at = (row[:, None], col[None, :])
+    x = plgpu.load(x_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+    dy = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+    dx = dy * gelu_tanh_grad(x)
+    plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
+    return db + dx
+
+  db = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), jnp.float32))
+  at = (jnp.full((1, 1), program), col[None, :])
+  plgpu.store(db_ref.at[at], jnp.sum(db, axis=0)[None, :], mask=cmask[None, :])
+
+
+def bias_gelu_grad(x, dy):
+  """For y = gelu(x) with x = h + bias (rows of x: N x F): d(x) in x's dtype and d(bias) =
+  sum over rows of d(x), in float32."""
+  x_NF, dy_NF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
+  n, f = x_NF.shape
+  rows, steps, warps, stages, cols = GELU_BLOCKS
+  cols = min(cols, pl.next_power_of_2(f))
+  programs = pl.cdiv(n, rows * steps)
+  dx_NF, db_PF = pl.pallas_call(
+      functools.partial(_bias_gelu_grad_kernel, rows=rows, steps=steps, cols=cols),
+      out_shape=(jax.ShapeDtypeStruct((n, f), x.dtype),
+                 jax.ShapeDtypeStruct((programs, f), jnp.float32)),
+      grid=(programs, pl.cdiv(f, cols)),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      interpret=_interpret(), name="bias_gelu_grad")(x_NF, dy_NF)
+  return dx_NF.reshape(x.shape), db_PF.sum(0)

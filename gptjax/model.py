@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import xla_flags
+from gptjax import kernels, xla_flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,38 +41,95 @@ def _gelu_tanh(x):
   return x * (0.5 * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * (x * (x * x))))))
 
 
-@jax.custom_vjp
 def gelu(x):
   """jax.nn.gelu(x, approximate=True), returned in x's dtype.
 
   On a GPU with gptjax.xla_flags' epilogue flags in effect it is written in x's dtype and in
   exactly the form XLA's cuBLAS rewriter matches: applied to the output of a 2-D matmul plus bias
-  (see MLP) it becomes that matmul's BIAS_GELU_AUX epilogue, computed in float32 on the
+  (see DenseGELU) it becomes that matmul's BIAS_GELU_AUX epilogue, computed in float32 on the
   accumulator. Elsewhere there is no epilogue to match, and it runs in float32 (in bf16 element by
   element it would lose precision).
-
-  The backward pass recomputes tanh from x (the MLP's saved pre-activation) behind an
-  optimization barrier, so nothing else is saved. Autodiff through jax.nn.gelu makes XLA keep an
-  extra activation-sized intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch
-  32 (bench/PERF_LOG.md).
   """
   if jax.default_backend() == "gpu" and xla_flags.epilogue_fusion_on():
     return _gelu_tanh(x)
   return _gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def _gelu_fwd(x):
-  return gelu(x), x
+@jax.custom_vjp
+def bias_gelu(h, bias):
+  """gelu(h + bias), with a backward pass that computes d(h) and d(bias) in one pass.
+
+  Only the pre-activation h + bias is saved (the matmul's GELU epilogue writes it anyway); the
+  backward pass recomputes tanh from it, as gptjax.kernels.bias_gelu_grad's Pallas kernel on one
+  GPU, elsewhere in XLA behind an optimization barrier. Autodiff through jax.nn.gelu makes XLA
+  keep an extra activation-sized intermediate of every MLP: 2.3 GiB of the medium preset's 19.4
+  at batch 32 (bench/PERF_LOG.md).
+  """
+  return gelu(h + bias)
 
 
-def _gelu_bwd(x, dy):
-  xf = jax.lax.optimization_barrier(x).astype(jnp.float32)  # recompute, don't share with fwd
-  t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf * xf * xf))
-  d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
-  return ((dy.astype(jnp.float32) * d).astype(x.dtype),)
+def _bias_gelu_fwd(h, bias):
+  x = h + bias
+  return gelu(x), (x, jnp.zeros((0,), bias.dtype))
 
 
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+def _bias_gelu_bwd(saved, dy):
+  x, bias_dtype_ = saved   # an empty array of the bias's dtype
+  if kernels.enabled():
+    dx, dbias = kernels.bias_gelu_grad(x, dy)
+  else:
+    xf = jax.lax.optimization_barrier(x).astype(jnp.float32)  # recompute, don't share with fwd
+    dx = (dy.astype(jnp.float32) * kernels.gelu_tanh_grad(xf)).astype(x.dtype)
+    # Summed from the stored d(x), as autodiff of the bias add would: XLA then fuses the sum into
+    # the same pass (from the float32 product it made a second one, 2x slower on an H200).
+    dbias = jnp.sum(dx.reshape(-1, x.shape[-1]), axis=0)
+  return dx, dbias.astype(bias_dtype_.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+class DenseGELU(nn.Module):
+  """gelu(nn.Dense(features)(x)) on 2-D rows, with nn.Dense's parameters ('kernel', 'bias') and
+  arithmetic: the matmul's output is the GELU's direct operand, as cuBLASLt's epilogue fusion
+  needs (gelu); through a reshape XLA would fuse no GELU, or compute the matmul twice."""
+  features: int
+  dtype: jnp.dtype
+  kernel_init: nn.initializers.Initializer
+
+  @nn.compact
+  def __call__(self, x_NK):
+    kernel = self.param("kernel", self.kernel_init, (x_NK.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x_NK, kernel, bias = nn.dtypes.promote_dtype(x_NK, kernel, bias, dtype=self.dtype)
+    return bias_gelu(x_NK @ kernel, bias)
+
+
+class LayerNorm(nn.Module):
+  """flax.linen.LayerNorm (same parameters, epsilon 1e-6, statistics in float32, output in
+  `dtype`), run as gptjax.kernels' Pallas kernels on one GPU and in XLA elsewhere.
+
+  With `residual=True` it returns (x, LayerNorm(x)), and the caller continues the residual stream
+  from that x: the kernels' backward pass then adds the stream's gradient into d(x) as it writes
+  it, instead of XLA adding it in another pass over the activations.
+  """
+  dtype: jnp.dtype = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, residual: bool = False):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+    if kernels.enabled():
+      out = kernels.layer_norm(x, scale, bias, self.epsilon, residual)
+      x, y = out if residual else (x, out)
+    else:  # flax.linen.LayerNorm's arithmetic: one-pass variance, the scale folded into rsqrt
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=-1, keepdims=True)
+      var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
+      y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    y = y.astype(self.dtype)
+    return (x, y) if residual else y
 
 
 def _init(std):
@@ -121,12 +178,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, *, deterministic: bool):
     cfg = self.config
-    # On 2-D rows (N = B*T) the matmul is the GELU's direct operand, as cuBLASLt's epilogue
-    # fusion needs (gelu); through a reshape XLA would fuse no GELU, or compute the matmul twice.
     B, T, D = x_BTD.shape
-    h_NF = nn.Dense(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(
-        x_BTD.reshape(B * T, D))
-    h_NF = gelu(h_NF)
+    h_NF = DenseGELU(cfg.d_ff, cfg.dtype, _init(0.02), name="fc")(x_BTD.reshape(B * T, D))
     y_BTD = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj",
                      kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(h_NF).reshape(B, T, D)
     return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
@@ -138,11 +191,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, deterministic: bool, cache_index=None):
     cfg = self.config
-    x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(
-        nn.LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD), deterministic=deterministic,
-        cache_index=cache_index)
-    x_BTD = x_BTD + MLP(cfg, name="mlp")(
-        nn.LayerNorm(dtype=cfg.dtype, name="ln2")(x_BTD), deterministic=deterministic)
+    x_BTD, h_BTD = LayerNorm(cfg.dtype, name="ln1")(x_BTD, residual=True)
+    x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(h_BTD, deterministic=deterministic,
+                                                          cache_index=cache_index)
+    x_BTD, h_BTD = LayerNorm(cfg.dtype, name="ln2")(x_BTD, residual=True)
+    x_BTD = x_BTD + MLP(cfg, name="mlp")(h_BTD, deterministic=deterministic)
     return x_BTD
 
 
@@ -170,7 +223,7 @@ class GPT(nn.Module):
     block = nn.remat(Block, static_argnums=(2,)) if cfg.remat and not decode else Block
     for i in range(cfg.num_layers):
       x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
-    x_BTD = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
+    x_BTD = LayerNorm(cfg.dtype, name="ln_f")(x_BTD)
     # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
     logits_BTV = x_BTD @ wte.embedding.astype(cfg.dtype).T
     return logits_BTV.astype(logits_dtype)

@@ -55,10 +55,8 @@ def cross_entropy(logits_BTV, targets_BT):
 
 
 def _loss_kernels() -> bool:
-  """Whether the loss's passes over the logits run as gptjax.kernels' Pallas kernels: on one GPU.
-  With several devices the logits are sharded, and XLA's partitioner can split its own fusions
-  but not a kernel, so the loss stays in XLA there (and on CPU and TPU)."""
-  return jax.default_backend() == "gpu" and jax.device_count() == 1
+  """Whether the loss's passes over the logits run as gptjax.kernels' Pallas kernels (one GPU)."""
+  return kernels.enabled()
 
 
 def _cross_entropy_fwd(logits_BTV, targets_BT):

@@ -5,12 +5,13 @@ import os
 
 import jax
 import jax.extend
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gptjax.config import CONFIGS_DIR, TOKENIZER_VOCAB
-from gptjax import model as model_lib, xla_flags
+from gptjax import kernels, model as model_lib, step, xla_flags
 from gptjax.model import GPT, ModelConfig, count_params, gelu, padded_vocab_size
 
 SMALL = ModelConfig(vocab_size=256, d_model=32, num_heads=4, num_layers=2, d_ff=64,
@@ -24,15 +25,25 @@ def _preset(name):
   return module.get_config()
 
 
-def test_gelu_and_its_gradient_match_jax():
-  x = 4 * jax.random.normal(jax.random.key(0), (2, 3, 50))
-  w = jax.random.normal(jax.random.key(1), x.shape)
-  ref = lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * w)
-  ours = lambda x: jnp.sum(gelu(x) * w)
-  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
-  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x), atol=1e-5)
-  h = x.astype(jnp.bfloat16)
-  assert gelu(h).dtype == jnp.bfloat16 and jax.grad(lambda h: jnp.sum(gelu(h)))(h).dtype == jnp.bfloat16
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
+def test_bias_gelu_and_its_gradients_match_jax(pallas, monkeypatch):
+  # On one GPU the backward pass runs gptjax.kernels' Pallas kernel (here in its interpreter):
+  # 7 row blocks of 2 rows, 3 column blocks of 32, the last ones partial.
+  monkeypatch.setattr(kernels, "enabled", lambda: pallas)
+  monkeypatch.setattr(kernels, "GELU_BLOCKS", (2, 2, 4, 1, 32))
+  h = 4 * jax.random.normal(jax.random.key(0), (13, 80))
+  b = jax.random.normal(jax.random.key(2), (80,))
+  w = jax.random.normal(jax.random.key(1), h.shape)
+  ref = lambda h, b: jnp.sum(jax.nn.gelu(h + b, approximate=True) * w)
+  ours = lambda h, b: jnp.sum(model_lib.bias_gelu(h, b) * w)
+  np.testing.assert_allclose(model_lib.bias_gelu(h, b), jax.nn.gelu(h + b, approximate=True),
+                             atol=1e-6)
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5),
+               jax.grad(ours, (0, 1))(h, b), jax.grad(ref, (0, 1))(h, b))
+  hb, bb = h.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  grads = jax.grad(lambda h, b: jnp.sum(model_lib.bias_gelu(h, b)), (0, 1))(hb, bb)
+  assert model_lib.bias_gelu(hb, bb).dtype == jnp.bfloat16
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
 
 
 def _expression(fn, x):
@@ -68,13 +79,60 @@ def test_gelu_runs_in_bf16_only_where_xla_fuses_it(monkeypatch, request, flags_o
   x = (4 * jax.random.normal(jax.random.key(0), (64, 50))).astype(jnp.bfloat16)
   jax.clear_caches()  # gelu's form is fixed when first traced: the process's flags never change
   request.addfinalizer(jax.clear_caches)
-  (call,) = jax.make_jaxpr(gelu)(x).jaxpr.eqns
-  prims = {e.primitive.name for e in call.params["call_jaxpr"].eqns}
+  prims = {e.primitive.name for e in jax.make_jaxpr(gelu)(x).jaxpr.eqns}
   assert ("convert_element_type" in prims) != flags_on
   assert gelu(x).dtype == jnp.bfloat16
   np.testing.assert_allclose(gelu(x).astype(np.float32),
                              jax.nn.gelu(x.astype(jnp.float32), approximate=True),
                              rtol=0.05 if flags_on else 0.01, atol=0.02 if flags_on else 0.01)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
+def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, monkeypatch):
+  # On one GPU the model's LayerNorm runs gptjax.kernels' Pallas kernels; here they run in Pallas'
+  # interpreter. 4 rows per block, 2 per program: 21 rows make 3 programs, the last one partial.
+  monkeypatch.setattr(kernels, "enabled", lambda: pallas)
+  monkeypatch.setattr(kernels, "LN_FWD_BLOCKS", (4, 2, 4, 1))
+  monkeypatch.setattr(kernels, "LN_BWD_BLOCKS", (4, 2, 4, 1))
+  k = jax.random.split(jax.random.key(0), 5)
+  x = (3 * jax.random.normal(k[0], (3, 7, 48)) + 1).astype(dtype)
+  params = {"scale": 1 + jax.random.normal(k[1], (48,)), "bias": jax.random.normal(k[2], (48,))}
+  w_y, w_x = jax.random.normal(k[3], x.shape), jax.random.normal(k[4], x.shape)
+
+  def ours(x, params):   # the residual stream continues from the x LayerNorm hands back
+    x_out, y = model_lib.LayerNorm(dtype).apply({"params": params}, x, residual=True)
+    return jnp.sum(y.astype(jnp.float32) * w_y) + jnp.sum(jnp.sin(x_out.astype(jnp.float32)) * w_x)
+
+  def flax_ln(x, params):
+    y = nn.LayerNorm(dtype=dtype).apply({"params": params}, x)
+    return jnp.sum(y.astype(jnp.float32) * w_y) + jnp.sum(jnp.sin(x.astype(jnp.float32)) * w_x)
+
+  y = model_lib.LayerNorm(dtype).apply({"params": params}, x)
+  assert y.dtype == dtype
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=0.02, atol=0.02)
+  np.testing.assert_allclose(y.astype(np.float32), nn.LayerNorm(dtype=dtype).apply(
+      {"params": params}, x).astype(np.float32), **tol)
+  ours_grads, flax_grads = jax.grad(ours, (0, 1))(x, params), jax.grad(flax_ln, (0, 1))(x, params)
+  assert ours_grads[0].dtype == dtype
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a.astype(np.float32), b.astype(np.float32), **tol), ours_grads, flax_grads)
+
+
+def test_model_with_the_gpu_kernels_matches_xla(monkeypatch):
+  # The whole model and loss through gptjax.kernels (LayerNorm and cross-entropy, in Pallas'
+  # interpreter) against XLA's versions: same loss, same gradients.
+  tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+  model = GPT(SMALL)
+  params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
+
+  def loss_and_grads(pallas):
+    monkeypatch.setattr(kernels, "enabled", lambda: pallas)
+    loss = lambda p: jnp.mean(step.token_losses(model, p, tokens[:, :-1], tokens[:, 1:]))
+    return jax.value_and_grad(loss)(params)
+
+  xla, pallas = loss_and_grads(False), loss_and_grads(True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), xla, pallas)
 
 
 def test_output_shape_and_dtype():
