@@ -41,8 +41,8 @@ def _gelu_tanh(x):
   return x * (0.5 * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * (x * (x * x))))))
 
 
-def gelu(x):
-  """jax.nn.gelu(x, approximate=True), returned in x's dtype.
+def _gelu_form(x):
+  """jax.nn.gelu(x, approximate=True) in x's dtype, written as XLA can fuse it on this platform.
 
   On a GPU with gptjax.xla_flags' epilogue flags in effect it is written in x's dtype and in
   exactly the form XLA's cuBLAS rewriter matches: applied to the output of a 2-D matmul plus bias
@@ -56,33 +56,43 @@ def gelu(x):
 
 
 @jax.custom_vjp
-def bias_gelu(h, bias):
-  """gelu(h + bias), with a backward pass that computes d(h) and d(bias) in one pass.
-
-  Only the pre-activation h + bias is saved (the matmul's GELU epilogue writes it anyway); the
-  backward pass recomputes tanh from it, as gptjax.kernels.bias_gelu_grad's Pallas kernel on one
-  GPU, elsewhere in XLA behind an optimization barrier. Autodiff through jax.nn.gelu makes XLA
-  keep an extra activation-sized intermediate of every MLP: 2.3 GiB of the medium preset's 19.4
-  at batch 32 (bench/PERF_LOG.md).
+def gelu(x):
+  """jax.nn.gelu(x, approximate=True), returned in x's dtype (_gelu_form), with a backward pass
+  that recomputes tanh from x (the MLP's saved pre-activation) behind an optimization barrier, so
+  nothing else is saved. Autodiff through jax.nn.gelu makes XLA keep an extra activation-sized
+  intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch 32 (bench/PERF_LOG.md).
   """
-  return gelu(h + bias)
+  return _gelu_form(x)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+  xf = jax.lax.optimization_barrier(x).astype(jnp.float32)  # recompute, don't share with fwd
+  return ((dy.astype(jnp.float32) * kernels.gelu_tanh_grad(xf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@jax.custom_vjp
+def bias_gelu(h, bias):
+  """gelu(h + bias), whose backward pass is gptjax.kernels.bias_gelu_grad's Pallas kernel: d(h)
+  and d(bias) in one pass over the saved pre-activation h + bias (which the matmul's GELU epilogue
+  writes anyway) and d(y). For one GPU (kernels.enabled); elsewhere DenseGELU uses gelu."""
+  return _gelu_form(h + bias)
 
 
 def _bias_gelu_fwd(h, bias):
   x = h + bias
-  return gelu(x), (x, jnp.zeros((0,), bias.dtype))
+  return _gelu_form(x), (x, jnp.zeros((0,), bias.dtype))
 
 
 def _bias_gelu_bwd(saved, dy):
   x, bias_dtype_ = saved   # an empty array of the bias's dtype
-  if kernels.enabled():
-    dx, dbias = kernels.bias_gelu_grad(x, dy)
-  else:
-    xf = jax.lax.optimization_barrier(x).astype(jnp.float32)  # recompute, don't share with fwd
-    dx = (dy.astype(jnp.float32) * kernels.gelu_tanh_grad(xf)).astype(x.dtype)
-    # Summed from the stored d(x), as autodiff of the bias add would: XLA then fuses the sum into
-    # the same pass (from the float32 product it made a second one, 2x slower on an H200).
-    dbias = jnp.sum(dx.reshape(-1, x.shape[-1]), axis=0)
+  dx, dbias = kernels.bias_gelu_grad(x, dy)
   return dx, dbias.astype(bias_dtype_.dtype)
 
 
@@ -102,7 +112,12 @@ class DenseGELU(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x_NK.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x_NK, kernel, bias = nn.dtypes.promote_dtype(x_NK, kernel, bias, dtype=self.dtype)
-    return bias_gelu(x_NK @ kernel, bias)
+    h_NF = x_NK @ kernel
+    if kernels.enabled():
+      return bias_gelu(h_NF, bias)
+    # XLA fuses the bias gradient into gelu's backward pass itself; as part of bias_gelu's
+    # backward it made a separate, 2x slower one (H200, bench/PERF_LOG.md).
+    return gelu(h_NF + bias)
 
 
 class LayerNorm(nn.Module):

@@ -25,11 +25,20 @@ def _preset(name):
   return module.get_config()
 
 
-@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
-def test_bias_gelu_and_its_gradients_match_jax(pallas, monkeypatch):
-  # On one GPU the backward pass runs gptjax.kernels' Pallas kernel (here in its interpreter):
+def test_gelu_and_its_gradient_match_jax():
+  x = 4 * jax.random.normal(jax.random.key(0), (2, 3, 50))
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  ref = lambda x: jnp.sum(jax.nn.gelu(x, approximate=True) * w)
+  ours = lambda x: jnp.sum(gelu(x) * w)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x), atol=1e-5)
+  h = x.astype(jnp.bfloat16)
+  assert gelu(h).dtype == jnp.bfloat16 and jax.grad(lambda h: jnp.sum(gelu(h)))(h).dtype == jnp.bfloat16
+
+
+def test_bias_gelu_and_its_gradients_match_jax(monkeypatch):
+  # Its backward pass is gptjax.kernels' Pallas kernel (here in Pallas' interpreter):
   # 7 row blocks of 2 rows, 3 column blocks of 32, the last ones partial.
-  monkeypatch.setattr(kernels, "enabled", lambda: pallas)
   monkeypatch.setattr(kernels, "GELU_BLOCKS", (2, 2, 4, 1, 32))
   h = 4 * jax.random.normal(jax.random.key(0), (13, 80))
   b = jax.random.normal(jax.random.key(2), (80,))
@@ -79,7 +88,8 @@ def test_gelu_runs_in_bf16_only_where_xla_fuses_it(monkeypatch, request, flags_o
   x = (4 * jax.random.normal(jax.random.key(0), (64, 50))).astype(jnp.bfloat16)
   jax.clear_caches()  # gelu's form is fixed when first traced: the process's flags never change
   request.addfinalizer(jax.clear_caches)
-  prims = {e.primitive.name for e in jax.make_jaxpr(gelu)(x).jaxpr.eqns}
+  (call,) = jax.make_jaxpr(gelu)(x).jaxpr.eqns
+  prims = {e.primitive.name for e in call.params["call_jaxpr"].eqns}
   assert ("convert_element_type" in prims) != flags_on
   assert gelu(x).dtype == jnp.bfloat16
   np.testing.assert_allclose(gelu(x).astype(np.float32),
