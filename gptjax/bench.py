@@ -279,9 +279,11 @@ def _category(name: str) -> str:
 
 
 _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "mlp": "MLP"}
-# gptjax.kernels' Pallas kernels: their GPU kernels carry the pallas_call's name, not an HLO one.
+# gptjax.kernels' Pallas kernels: their GPU kernels carry the pallas_call's name, not an HLO one
+# (with a suffix __1, __2, ... where one name is compiled several times).
 _KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward",
-                 "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward"}
+                 "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward",
+                 "bias_gelu_grad": "MLP backward"}
 
 
 def model_part(op_name: str) -> str:
@@ -309,7 +311,8 @@ def kernel_part(name: str, op_name=None) -> str:
   else from the name of one of gptjax.kernels' Pallas kernels, else its category."""
   if op_name:
     return model_part(op_name)
-  return _KERNEL_PARTS.get(name) or f"{_category(name)} (not attributed)"
+  return (_KERNEL_PARTS.get(re.sub(r"__\d+$", "", name))
+          or f"{_category(name)} (not attributed)")
 
 
 def hlo_op_names(hlo_text: str) -> dict:

@@ -135,6 +135,8 @@ def test_bad_input_exits_2(bad, capsys):
 def test_part_of_a_gpu_kernel():
   assert bench.kernel_part("logsumexp_rows") == "loss forward"
   assert bench.kernel_part("softmax_cross_entropy_grad") == "loss backward"
+  assert bench.kernel_part("layer_norm_bwd__2") == "LayerNorm backward"   # compiled twice
+  assert bench.kernel_part("bias_gelu_grad") == "MLP backward"
   assert bench.kernel_part("input_reduce_fusion_3",
                            "jit(train_step)/transpose(jvp(GPT))/ln_f/mul") == "LayerNorm backward"
   assert bench.kernel_part("nvjet_sm90_tst_128x128_64x6") == "matmul (not attributed)"
@@ -169,6 +171,19 @@ def test_best_batch_size_per_config():
       "medium": (64, [32, 64]), "medium dropout=0.1": (32, [32, 64])}
   text = bench.format_best(rows, 989.0)
   assert "best batch size for medium: 64 (495,000 tok/s" in text and "tiny" not in text
+
+
+def test_block_kernel_benchmark_script_agrees_with_xla():
+  path = os.path.join(REPO, "bench", "block_kernels.py")
+  spec = importlib.util.spec_from_file_location("block_kernels", path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  results = script.main(["--rows", "40", "--d", "48", "--ff", "96", "--calls", "1"])
+  passes = ("LayerNorm forward", "LayerNorm backward", "GELU backward")
+  assert {name.split(",")[0] for name in results} == set(passes)
+  for name in passes:
+    pallas = [err for label, (_, err) in results.items() if label.startswith(name + ", Pallas")]
+    assert len(pallas) == 1 and pallas[0] < 0.07   # bf16 results: within their rounding
 
 
 def test_loss_kernel_benchmark_script_agrees_with_xla():
