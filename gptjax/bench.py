@@ -201,8 +201,9 @@ def _peak_bytes():
 
 
 def loss_vs_float32(built, batch) -> dict:
-  """Loss of the row's model (its dtype, attention and loss code) and of a float32, XLA-attention
-  model with optax's plain cross-entropy, on the same parameters and tokens."""
+  """Loss of the row's model (its dtype, attention and the train step's loss code) and of a
+  float32, XLA-attention model with optax's plain cross-entropy, on the same parameters and
+  tokens."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -211,7 +212,7 @@ def loss_vs_float32(built, batch) -> dict:
 
   reference = GPT(dataclasses.replace(built.mcfg, dtype=jnp.float32, attention="xla"))
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  row = jax.jit(lambda p: jnp.mean(step.token_losses(built.model, p, inputs, targets)))
+  row = jax.jit(lambda p: step.mean_cross_entropy(step.logits(built.model, p, inputs), targets))
   ref = jax.jit(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
       reference.apply({"params": p}, inputs), targets)))
   a, b = float(row(built.state.params)), float(ref(built.state.params))

@@ -101,6 +101,57 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
   return rows.reshape(logits.shape)
 
 
+
+def _fused_kernel(x_ref, target_ref, r_ref, lse_ref, target_logit_ref, *, block: int,
+                  scale: float):
+  n_col = x_ref.shape[0]
+  target = target_ref[...]
+
+  def body(i, carry):   # pass 1: the online logsumexp, and the target's logit on the way
+    m, s, t = carry
+    col = i * block + jnp.arange(block)
+    x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
+    m_new = jnp.maximum(m, jnp.max(x))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    t = t + jnp.sum(jnp.where(col == target, x, 0.0))
+    return m_new, s * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift)), t
+
+  zero = jnp.float32(0)
+  m, s, t = lax.fori_loop(0, pl.cdiv(n_col, block), body, (jnp.float32(-jnp.inf), zero, zero))
+  lse = m + jnp.log(s)
+  lse_ref[...] = lse
+  target_logit_ref[...] = t
+
+  n_block = pl.cdiv(n_col, block)
+
+  @pl.loop(0, n_block)
+  def _(i):   # pass 2, backwards: the blocks read last come first, while still in L2
+    col = (n_block - 1 - i) * block + jnp.arange(block)
+    mask = col < n_col
+    x = plgpu.load(x_ref.at[col], mask=mask, other=0.0).astype(jnp.float32)
+    d = (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * scale
+    plgpu.store(r_ref.at[col], d.astype(r_ref.dtype), mask=mask)
+
+
+def softmax_cross_entropy_fused(logits, targets, scale: float):
+  """One kernel for the loss and its gradient: per row of the logits its logsumexp and the
+  target's logit (float32), and (softmax - onehot(target)) * scale, written over the logits
+  (input_output_aliases: the logits' buffer is reused where nothing else reads it).
+
+  Each row is read twice, once per pass; the second pass runs backwards over the row, so that it
+  starts with the blocks most likely still in L2. Where logsumexp + softmax_cross_entropy_grad
+  keep the logits and write d(logits) beside them, this writes d(logits) in their place: one
+  vocabulary-sized buffer less (2.7 GiB for the medium preset at batch 32)."""
+  call = pl.pallas_call(
+      functools.partial(_fused_kernel, block=DLOGITS_BLOCK, scale=scale),
+      out_shape=(jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype),
+                 jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)),
+      grid=(), input_output_aliases={0: 0},
+      compiler_params=plgpu.CompilerParams(num_warps=DLOGITS_WARPS, num_stages=1),
+      interpret=_interpret(), name="softmax_cross_entropy_fused")
+  d, lse, target_logit = jax.vmap(call)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+  return lse.reshape(targets.shape), target_logit.reshape(targets.shape), d.reshape(logits.shape)
+
 def _columns(d: int):
   col = jnp.arange(pl.next_power_of_2(d))   # Triton blocks are powers of 2; the rest is masked
   return col, col < d

@@ -82,11 +82,43 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+def mean_cross_entropy(logits_BTV, targets_BT):
+  """The mean of cross_entropy over all tokens: the training loss. On one GPU a single Pallas
+  kernel computes it and, for the backward pass, d(loss)/d(logits) in the same two reads of each
+  row of the logits (kernels.softmax_cross_entropy_fused); elsewhere, the mean of cross_entropy."""
+  if _loss_kernels():
+    return _fused_mean_cross_entropy(logits_BTV, targets_BT)
+  return jnp.mean(cross_entropy(logits_BTV, targets_BT))
+
+
+@jax.custom_vjp
+def _fused_mean_cross_entropy(logits_BTV, targets_BT):
+  return _fused_mean_fwd(logits_BTV, targets_BT)[0]
+
+
+def _fused_mean_fwd(logits_BTV, targets_BT):
+  lse_BT, target_BT, dlogits_BTV = kernels.softmax_cross_entropy_fused(
+      logits_BTV, targets_BT, scale=1.0 / targets_BT.size)
+  return jnp.mean(lse_BT - target_BT), dlogits_BTV
+
+
+def _fused_mean_bwd(dlogits_BTV, g):
+  # g is the constant 1 when the loss is differentiated as it is (the train step): XLA then
+  # drops this multiply. Any other g (a scaled loss) costs one more pass over d(logits).
+  return dlogits_BTV * g.astype(dlogits_BTV.dtype), None
+
+
+_fused_mean_cross_entropy.defvjp(_fused_mean_fwd, _fused_mean_bwd)
+
+
+def logits(model, params, inputs_BT, *, rng=None):
+  return model.apply({"params": params}, inputs_BT, deterministic=rng is None,
+                     rngs=None if rng is None else {"dropout": rng},
+                     logits_dtype=model.config.dtype)
+
+
 def token_losses(model, params, inputs_BT, targets_BT, *, rng=None):
-  logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=rng is None,
-                           rngs=None if rng is None else {"dropout": rng},
-                           logits_dtype=model.config.dtype)
-  return cross_entropy(logits_BTV, targets_BT)
+  return cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT)
 
 
 def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
@@ -105,7 +137,7 @@ def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
     dropout_rng = jax.random.fold_in(rng, state.step) if stochastic else None
 
     def loss_fn(params):
-      return jnp.mean(token_losses(model, params, inputs, targets, rng=dropout_rng))
+      return mean_cross_entropy(logits(model, params, inputs, rng=dropout_rng), targets)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.tree.norm(grads)

@@ -43,6 +43,29 @@ def test_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
                              atol=1e-6 if dtype == jnp.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
+def test_mean_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
+  # The training loss: on one GPU one fused Pallas kernel (here in its interpreter, with blocks
+  # small enough for several per row and a partial last one) computes it and d(logits).
+  monkeypatch.setattr(step, "_loss_kernels", lambda: pallas)
+  monkeypatch.setattr(kernels, "DLOGITS_BLOCK", 512)
+  k1, k2 = jax.random.split(jax.random.key(3))
+  logits = (3 * jax.random.normal(k1, (3, 5, 2125))).astype(dtype)
+  targets = jax.random.randint(k2, (3, 5), 0, 2125)
+  plain = lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      x.astype(jnp.float32), targets))
+  loss, grad = jax.jit(jax.value_and_grad(lambda x: step.mean_cross_entropy(x, targets)))(logits)
+  np.testing.assert_allclose(loss, plain(logits), rtol=1e-6)
+  assert grad.dtype == dtype
+  np.testing.assert_allclose(grad.astype(np.float32), jax.grad(plain)(logits),
+                             atol=1e-7 if dtype == jnp.float32 else 2e-3)  # bf16 rounding at ~0.2
+  # A scaled loss scales the gradient too (the multiply XLA drops only for a cotangent of 1).
+  np.testing.assert_allclose(
+      jax.grad(lambda x: 3 * step.mean_cross_entropy(x, targets))(logits).astype(np.float32),
+      3 * jax.grad(plain)(logits), atol=1e-7 if dtype == jnp.float32 else 6e-3)
+
+
 def test_one_pass_logsumexp_matches_jax():
   x = 30 * jax.random.normal(jax.random.key(1), (4, 3, 1000))
   x = x.at[0, 0].set(-jnp.inf).at[0, 0, 7].set(5.0)   # a row of -inf but one entry
