@@ -1,4 +1,6 @@
-"""Times the loss's two passes over bf16 logits, XLA against gptjax.kernels' Pallas kernels.
+"""Times the loss's two passes over bf16 logits that serve per-token losses (evaluation) and
+their gradient, XLA against gptjax.kernels' Pallas kernels (the train step's fused kernel is
+timed in the step).
 
     python bench/loss_kernels.py                       # 32768 x 50304: medium, batch 32
     python bench/loss_kernels.py --rows 64 --vocab 3000  # a quick check (CPU: Pallas interpreter)

@@ -284,7 +284,8 @@ _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "ml
 # (with a suffix __1, __2, ... where one name is compiled several times).
 _KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward",
                  "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward",
-                 "bias_gelu_grad": "MLP backward"}
+                 "bias_gelu_grad": "MLP backward",
+                 "softmax_cross_entropy_fused": "loss (forward and backward)"}
 
 
 def model_part(op_name: str) -> str:

@@ -1,11 +1,12 @@
 """Pallas (Triton) GPU kernels for the step's memory-bound passes, used on one GPU (`enabled`).
 
-Loss. The cross-entropy reads the (B*T, vocab) bf16 logits twice: once for each row's logsumexp
-(forward) and once to write d(logits) = softmax - onehot (backward). These are pure memory
-traffic, 3.3 GB each at the medium preset's batch 32. XLA's fused reduction reaches 1.7 TB/s on
-an H100 for the first, where one Triton program per row, streaming the row in blocks with an
-online max, reaches 2.9 TB/s (3.35 is the card's peak); the second gains less (2.7 -> 2.9 TB/s).
-bench/PERF_LOG.md has the figures.
+Loss. The cross-entropy reads the (B*T, vocab) bf16 logits, the step's largest arrays (3.3 GB at
+the medium preset's batch 32), for each row's logsumexp and to write d(logits) = softmax - onehot.
+One Triton program per row streams it in blocks with an online max: 2.9 TB/s on an H100 (3.35 is
+the card's peak) where XLA's fused reduction reaches 1.7 for the logsumexp. The train step's loss
+is `softmax_cross_entropy_fused`: both passes in one kernel, d(logits) written over the logits;
+`logsumexp` and `softmax_cross_entropy_grad` serve per-token losses (evaluation) and their
+gradient. bench/PERF_LOG.md has the figures.
 
 GELU. `bias_gelu_grad` is the backward pass of the MLP's GELU(x W + b): d(pre-activation) and the
 bias gradient from one read of the saved pre-activation and of d(y), where XLA reduced the bias
@@ -49,16 +50,25 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
+def _online_logsumexp(m, s, x):
+  """One block's step of a streamed logsumexp: the running max m and sum s of exp(x - m)."""
+  m_new = jnp.maximum(m, jnp.max(x))
+  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # a row of -inf so far: no nan
+  return m_new, s * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift))
+
+
+def _softmax_grad_block(x, col, target, lse, g):
+  """(softmax - onehot(target)) * g over one block of a row's columns `col`, in float32."""
+  return (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * g
+
+
 def _logsumexp_kernel(x_ref, out_ref, *, block: int):
   n_col = x_ref.shape[0]
 
   def body(i, carry):
-    m, s = carry
     col = i * block + jnp.arange(block)
     x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
-    m_new = jnp.maximum(m, jnp.max(x))
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # a row of -inf so far: no nan
-    return m_new, s * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift))
+    return _online_logsumexp(*carry, x)
 
   m, s = lax.fori_loop(0, pl.cdiv(n_col, block), body, (jnp.float32(-jnp.inf), jnp.float32(0)))
   out_ref[...] = m + jnp.log(s)
@@ -83,7 +93,7 @@ def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: i
     col = i * block + jnp.arange(block)
     mask = col < n_col
     x = plgpu.load(x_ref.at[col], mask=mask, other=0.0).astype(jnp.float32)
-    d = (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * g
+    d = _softmax_grad_block(x, col, target, lse, g)
     plgpu.store(out_ref.at[col], d.astype(out_ref.dtype), mask=mask)
 
 
@@ -111,17 +121,13 @@ def _fused_kernel(x_ref, target_ref, r_ref, lse_ref, target_logit_ref, *, block:
     m, s, t = carry
     col = i * block + jnp.arange(block)
     x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
-    m_new = jnp.maximum(m, jnp.max(x))
-    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    t = t + jnp.sum(jnp.where(col == target, x, 0.0))
-    return m_new, s * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift)), t
+    return *_online_logsumexp(m, s, x), t + jnp.sum(jnp.where(col == target, x, 0.0))
 
   zero = jnp.float32(0)
   m, s, t = lax.fori_loop(0, pl.cdiv(n_col, block), body, (jnp.float32(-jnp.inf), zero, zero))
   lse = m + jnp.log(s)
   lse_ref[...] = lse
   target_logit_ref[...] = t
-
   n_block = pl.cdiv(n_col, block)
 
   @pl.loop(0, n_block)
@@ -129,7 +135,7 @@ def _fused_kernel(x_ref, target_ref, r_ref, lse_ref, target_logit_ref, *, block:
     col = (n_block - 1 - i) * block + jnp.arange(block)
     mask = col < n_col
     x = plgpu.load(x_ref.at[col], mask=mask, other=0.0).astype(jnp.float32)
-    d = (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * scale
+    d = _softmax_grad_block(x, col, target, lse, scale)
     plgpu.store(r_ref.at[col], d.astype(r_ref.dtype), mask=mask)
 
 
@@ -141,7 +147,8 @@ def softmax_cross_entropy_fused(logits, targets, scale: float):
   Each row is read twice, once per pass; the second pass runs backwards over the row, so that it
   starts with the blocks most likely still in L2. Where logsumexp + softmax_cross_entropy_grad
   keep the logits and write d(logits) beside them, this writes d(logits) in their place: one
-  vocabulary-sized buffer less (2.7 GiB for the medium preset at batch 32)."""
+  vocabulary-sized buffer less (2.7 GiB for the medium preset at batch 32). Its block settings are
+  the d(logits) kernel's (DLOGITS_*); as fast in the step as the two kernels it replaces."""
   call = pl.pallas_call(
       functools.partial(_fused_kernel, block=DLOGITS_BLOCK, scale=scale),
       out_shape=(jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype),
@@ -201,7 +208,9 @@ def _layer_norm_bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, 
     dy = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
     mean = plgpu.load(mean_ref.at[row], mask=rmask, other=0.0)
     rstd = plgpu.load(rstd_ref.at[row], mask=rmask, other=0.0)
-    xhat = (x - mean[:, None]) * rstd[:, None]       # 0 where masked: x, mean and rstd are 0
+    # 0 in masked rows (x, mean and rstd are 0); in masked columns dy and scale are 0 and nothing
+    # is stored, so what xhat holds there never counts.
+    xhat = (x - mean[:, None]) * rstd[:, None]
     wdy = dy * scale[None, :]
     c1 = jnp.sum(xhat * wdy, axis=1) / d
     c2 = jnp.sum(wdy, axis=1) / d
@@ -245,45 +254,54 @@ def _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres):
   out_shape = lambda programs: (jax.ShapeDtypeStruct((n, d), x_ND.dtype),
                                 jax.ShapeDtypeStruct((programs, d), jnp.float32),
                                 jax.ShapeDtypeStruct((programs, d), jnp.float32))
-  args = [x_ND, dy.reshape(n, d), mean_N, rstd_N, scale] + ([dres.reshape(n, d)] if residual else [])
-  dx_ND, dscale_PD, dbias_PD = _layer_norm_call(_layer_norm_bwd_kernel, LN_BWD_BLOCKS,
-                                                "layer_norm_bwd", n, out_shape, residual=residual)(*args)
-  return dx_ND.reshape(dy.shape), dscale_PD.sum(0).astype(scale.dtype), dbias_PD.sum(0)
+  args = [x_ND, dy.reshape(n, d), mean_N, rstd_N, scale]
+  args += [dres.reshape(n, d)] if residual else []
+  dx_ND, dscale_PD, dbias_PD = _layer_norm_call(
+      _layer_norm_bwd_kernel, LN_BWD_BLOCKS, "layer_norm_bwd", n, out_shape,
+      residual=residual)(*args)
+  return dx_ND.reshape(dy.shape), dscale_PD.sum(0), dbias_PD.sum(0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x, scale, bias, eps: float, residual: bool):
-  """LayerNorm over the last axis (statistics in float32, output in x's dtype), as
-  flax.linen.LayerNorm. With `residual` it returns (x, y): the caller continues the residual
-  stream from this x, so that the backward pass adds the stream's gradient into d(x) itself."""
+  """LayerNorm over the last axis with flax.linen.LayerNorm's parameters: statistics in float32
+  (two-pass variance, in registers), y in x's dtype. With `residual` it returns (x, y): the caller
+  continues the residual stream from this x, so that the backward pass adds the stream's gradient
+  into d(x) itself."""
   y = _layer_norm_fwd(x, scale, bias, eps)[0]
   return (x, y) if residual else y
 
 
 def _layer_norm_vjp_fwd(x, scale, bias, eps, residual):
   y, saved = _layer_norm_fwd(x, scale, bias, eps)
-  return ((x, y) if residual else y), (saved, jnp.zeros((0,), bias.dtype))
+  return ((x, y) if residual else y), (saved, bias)
 
 
 def _layer_norm_vjp_bwd(eps, residual, saved, g):
   del eps
-  (x_ND, scale, mean_N, rstd_N), bias_dtype_ = saved   # an empty array of the bias's dtype
+  (x_ND, scale, mean_N, rstd_N), bias = saved
   dres, dy = g if residual else (None, g)
   dx, dscale, dbias = _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres)
-  return dx, dscale, dbias.astype(bias_dtype_.dtype)
+  return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 layer_norm.defvjp(_layer_norm_vjp_fwd, _layer_norm_vjp_bwd)
 
 
-_GELU_C = 0.7978845608028654   # sqrt(2 / pi)
+GELU_C = 0.7978845608028654   # sqrt(2 / pi)
+
+
+def gelu_tanh(x):
+  """The tanh-approximated GELU (jax.nn.gelu(x, approximate=True)) in x's dtype, written exactly
+  as XLA's cuBLAS rewriter matches it for the matmul's GELU epilogue (see gptjax.model.gelu)."""
+  return x * (0.5 * (1.0 + jnp.tanh(GELU_C * (x + 0.044715 * (x * (x * x))))))
 
 
 def gelu_tanh_grad(x):
-  """d/dx of the tanh-approximated GELU, for float32 x (jnp: used inside the kernel and by
-  gptjax.model's XLA path alike)."""
-  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+  """d/dx of gelu_tanh, for float32 x (jnp: used inside the kernel and by gptjax.model's XLA path
+  alike)."""
+  t = jnp.tanh(GELU_C * (x + 0.044715 * x * x * x))
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
 def _bias_gelu_grad_kernel(x_ref, dy_ref, dx_ref, db_ref, *, rows: int, steps: int, cols: int):

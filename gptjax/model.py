@@ -34,13 +34,6 @@ def padded_vocab_size(n_vocab: int, multiple: int = 128) -> int:
   return multiple * math.ceil(n_vocab / multiple)
 
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-def _gelu_tanh(x):
-  return x * (0.5 * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * (x * (x * x))))))
-
-
 def _gelu_form(x):
   """jax.nn.gelu(x, approximate=True) in x's dtype, written as XLA can fuse it on this platform.
 
@@ -51,8 +44,8 @@ def _gelu_form(x):
   element it would lose precision).
   """
   if jax.default_backend() == "gpu" and xla_flags.epilogue_fusion_on():
-    return _gelu_tanh(x)
-  return _gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
+    return kernels.gelu_tanh(x)
+  return kernels.gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -87,13 +80,13 @@ def bias_gelu(h, bias):
 
 def _bias_gelu_fwd(h, bias):
   x = h + bias
-  return _gelu_form(x), (x, jnp.zeros((0,), bias.dtype))
+  return _gelu_form(x), (x, bias)
 
 
 def _bias_gelu_bwd(saved, dy):
-  x, bias_dtype_ = saved   # an empty array of the bias's dtype
+  x, bias = saved
   dx, dbias = kernels.bias_gelu_grad(x, dy)
-  return dx, dbias.astype(bias_dtype_.dtype)
+  return dx, dbias.astype(bias.dtype)
 
 
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
@@ -115,8 +108,8 @@ class DenseGELU(nn.Module):
     h_NF = x_NK @ kernel
     if kernels.enabled():
       return bias_gelu(h_NF, bias)
-    # XLA fuses the bias gradient into gelu's backward pass itself; as part of bias_gelu's
-    # backward it made a separate, 2x slower one (H200, bench/PERF_LOG.md).
+    # The bias add's own autodiff: XLA fuses its gradient into gelu's backward pass (reduced
+    # inside a custom VJP, XLA made it a separate pass, 2x slower: bench/PERF_LOG.md).
     return gelu(h_NF + bias)
 
 

@@ -54,20 +54,15 @@ def cross_entropy(logits_BTV, targets_BT):
   return _cross_entropy_fwd(logits_BTV, targets_BT)[0]
 
 
-def _loss_kernels() -> bool:
-  """Whether the loss's passes over the logits run as gptjax.kernels' Pallas kernels (one GPU)."""
-  return kernels.enabled()
-
-
 def _cross_entropy_fwd(logits_BTV, targets_BT):
-  logsumexp = kernels.logsumexp if _loss_kernels() else logsumexp_one_pass
+  logsumexp = kernels.logsumexp if kernels.enabled() else logsumexp_one_pass
   lse_BT = logsumexp(logits_BTV)
   target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   return lse_BT - target_BT.astype(jnp.float32), (logits_BTV, targets_BT, lse_BT)
 
 
 def _cross_entropy_bwd(residuals, g_BT):
-  grad = kernels.softmax_cross_entropy_grad if _loss_kernels() else softmax_cross_entropy_grad
+  grad = kernels.softmax_cross_entropy_grad if kernels.enabled() else softmax_cross_entropy_grad
   return grad(*residuals, g_BT), None
 
 
@@ -84,9 +79,10 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 def mean_cross_entropy(logits_BTV, targets_BT):
   """The mean of cross_entropy over all tokens: the training loss. On one GPU a single Pallas
-  kernel computes it and, for the backward pass, d(loss)/d(logits) in the same two reads of each
-  row of the logits (kernels.softmax_cross_entropy_fused); elsewhere, the mean of cross_entropy."""
-  if _loss_kernels():
+  kernel computes it and, for the backward pass, d(loss)/d(logits), which it writes over the
+  logits (kernels.softmax_cross_entropy_fused), whether or not the caller differentiates: to
+  evaluate, take token_losses. Elsewhere, the mean of cross_entropy."""
+  if kernels.enabled():
     return _fused_mean_cross_entropy(logits_BTV, targets_BT)
   return jnp.mean(cross_entropy(logits_BTV, targets_BT))
 
@@ -104,7 +100,8 @@ def _fused_mean_fwd(logits_BTV, targets_BT):
 
 def _fused_mean_bwd(dlogits_BTV, g):
   # g is the constant 1 when the loss is differentiated as it is (the train step): XLA then
-  # drops this multiply. Any other g (a scaled loss) costs one more pass over d(logits).
+  # drops this multiply (measured on GPU in this form). Any other g (a scaled loss) costs one
+  # more pass over d(logits), and is rounded to their dtype.
   return dlogits_BTV * g.astype(dlogits_BTV.dtype), None
 
 

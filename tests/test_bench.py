@@ -25,7 +25,7 @@ SHRUNK = ["--config.d_model=32", "--config.num_heads=2", "--config.num_layers=1"
 def test_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
   # On one GPU the loss runs gptjax.kernels' Pallas kernels; here they run in Pallas' interpreter
   # through the same custom VJP.
-  monkeypatch.setattr(step, "_loss_kernels", lambda: pallas)
+  monkeypatch.setattr(kernels, "enabled", lambda: pallas)
   # Small blocks: both kernels' loops then run several blocks and a partial last one.
   monkeypatch.setattr(kernels, "LSE_BLOCK", 256)
   monkeypatch.setattr(kernels, "DLOGITS_BLOCK", 512)
@@ -48,7 +48,7 @@ def test_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
 def test_mean_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
   # The training loss: on one GPU one fused Pallas kernel (here in its interpreter, with blocks
   # small enough for several per row and a partial last one) computes it and d(logits).
-  monkeypatch.setattr(step, "_loss_kernels", lambda: pallas)
+  monkeypatch.setattr(kernels, "enabled", lambda: pallas)
   monkeypatch.setattr(kernels, "DLOGITS_BLOCK", 512)
   k1, k2 = jax.random.split(jax.random.key(3))
   logits = (3 * jax.random.normal(k1, (3, 5, 2125))).astype(dtype)
@@ -62,8 +62,8 @@ def test_mean_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
                              atol=1e-7 if dtype == jnp.float32 else 2e-3)  # bf16 rounding at ~0.2
   # A scaled loss scales the gradient too (the multiply XLA drops only for a cotangent of 1).
   np.testing.assert_allclose(
-      jax.grad(lambda x: 3 * step.mean_cross_entropy(x, targets))(logits).astype(np.float32),
-      3 * jax.grad(plain)(logits), atol=1e-7 if dtype == jnp.float32 else 6e-3)
+      jax.grad(lambda x: step.mean_cross_entropy(x, targets) / 3)(logits).astype(np.float32),
+      jax.grad(plain)(logits) / 3, atol=1e-7 if dtype == jnp.float32 else 1e-3)
 
 
 def test_one_pass_logsumexp_matches_jax():
@@ -160,6 +160,7 @@ def test_part_of_a_gpu_kernel():
   assert bench.kernel_part("softmax_cross_entropy_grad") == "loss backward"
   assert bench.kernel_part("layer_norm_bwd__2") == "LayerNorm backward"   # compiled twice
   assert bench.kernel_part("bias_gelu_grad") == "MLP backward"
+  assert bench.kernel_part("softmax_cross_entropy_fused") == "loss (forward and backward)"
   assert bench.kernel_part("input_reduce_fusion_3",
                            "jit(train_step)/transpose(jvp(GPT))/ln_f/mul") == "LayerNorm backward"
   assert bench.kernel_part("nvjet_sm90_tst_128x128_64x6") == "matmul (not attributed)"
@@ -206,7 +207,9 @@ def test_block_kernel_benchmark_script_agrees_with_xla():
   assert {name.split(",")[0] for name in results} == set(passes)
   for name in passes:
     pallas = [err for label, (_, err) in results.items() if label.startswith(name + ", Pallas")]
-    assert len(pallas) == 1 and pallas[0] < 0.07   # bf16 results: within their rounding
+    # bf16 results (the bias gradient summed from bf16 in XLA, from float32 in the kernel):
+    # within a few of their rounding steps, relative to the largest value
+    assert len(pallas) == 1 and pallas[0] < 0.02
 
 
 def test_loss_kernel_benchmark_script_agrees_with_xla():
