@@ -228,3 +228,34 @@ def test_presets_match_the_guide():
   for name, want in table.items():
     c = _preset(name)
     assert (c.d_model, c.num_heads, c.num_layers, c.d_ff, c.max_seq_len, c.dataset) == want
+
+
+def test_gpu_kernels_lower_to_triton_for_cuda(monkeypatch):
+  # Without a GPU: every Pallas kernel of the train step is lowered to Triton IR for CUDA
+  # (jax.export for platform "cuda"), at the medium preset's shapes. This catches what Pallas'
+  # interpreter accepts but its Triton lowering does not (block shapes, unsupported operations).
+  monkeypatch.setattr(kernels, "_interpret", lambda: False)
+  monkeypatch.setattr(kernels, "enabled", lambda: True)
+  S = jax.ShapeDtypeStruct
+  x, v = S((32, 1024, 768), jnp.bfloat16), S((768,), jnp.float32)
+  h, b = S((32768, 3072), jnp.bfloat16), S((3072,), jnp.bfloat16)
+  logits, targets = S((32, 1024, 50304), jnp.bfloat16), S((32, 1024), jnp.int32)
+
+  def ln_grads(x, scale, bias, residual):
+    def f(x, scale, bias):
+      out = kernels.layer_norm(x, scale, bias, 1e-6, residual)
+      x_out, y = out if residual else (x, out)
+      return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(x_out.astype(jnp.float32))
+    return jax.grad(f, (0, 1, 2))(x, scale, bias)
+
+  def triton_calls(f, *args):
+    exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    return exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton")
+
+  assert triton_calls(lambda x, s, b: ln_grads(x, s, b, True), x, v, v) == 2   # forward, backward
+  assert triton_calls(lambda x, s, b: ln_grads(x, s, b, False), x, v, v) == 2
+  assert triton_calls(lambda h, b, d: jax.vjp(model_lib.bias_gelu, h, b)[1](d), h, b, h) == 1
+  assert triton_calls(jax.value_and_grad(step.mean_cross_entropy), logits, targets) == 1
+  assert triton_calls(jax.value_and_grad(lambda x, t: jnp.sum(step.cross_entropy(x, t))),
+                      logits, targets) == 2   # evaluation's logsumexp, and its gradient
