@@ -71,7 +71,7 @@ def main(argv=None):
   h, dh = ((3 * jax.random.normal(key, (args.rows, args.ff))).astype(jnp.bfloat16)
            for key in k[3:5])
   bias = jax.random.normal(k[5], (args.ff,)).astype(jnp.bfloat16)
-  ln = model.LayerNorm(jnp.bfloat16)
+  ln = model.LayerNorm(dtype=jnp.bfloat16)
   params = {"params": {"scale": 1 + jax.random.normal(k[6], (args.d,)),
                        "bias": jax.random.normal(k[7], (args.d,))}}
 

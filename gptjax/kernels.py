@@ -123,12 +123,12 @@ def _fused_kernel(x_ref, target_ref, r_ref, lse_ref, target_logit_ref, *, block:
     x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
     return *_online_logsumexp(m, s, x), t + jnp.sum(jnp.where(col == target, x, 0.0))
 
+  n_block = pl.cdiv(n_col, block)
   zero = jnp.float32(0)
-  m, s, t = lax.fori_loop(0, pl.cdiv(n_col, block), body, (jnp.float32(-jnp.inf), zero, zero))
+  m, s, t = lax.fori_loop(0, n_block, body, (jnp.float32(-jnp.inf), zero, zero))
   lse = m + jnp.log(s)
   lse_ref[...] = lse
   target_logit_ref[...] = t
-  n_block = pl.cdiv(n_col, block)
 
   @pl.loop(0, n_block)
   def _(i):   # pass 2, backwards: the blocks read last come first, while still in L2
@@ -159,6 +159,7 @@ def softmax_cross_entropy_fused(logits, targets, scale: float):
   d, lse, target_logit = jax.vmap(call)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
   return lse.reshape(targets.shape), target_logit.reshape(targets.shape), d.reshape(logits.shape)
 
+
 def _columns(d: int):
   col = jnp.arange(pl.next_power_of_2(d))   # Triton blocks are powers of 2; the rest is masked
   return col, col < d
@@ -167,6 +168,25 @@ def _columns(d: int):
 def _rows(program, i, rows: int, steps: int, n: int):
   row = (program * steps + i) * rows + jnp.arange(rows)
   return row, row < n
+
+
+def _store_partial_sum(ref, program, col, cmask, acc):
+  """Writes this program's column sums of acc (rows x columns) to row `program` of ref."""
+  at = (jnp.full((1, 1), program), col[None, :])
+  plgpu.store(ref.at[at], jnp.sum(acc, axis=0)[None, :], mask=cmask[None, :])
+
+
+def _row_blocks_call(kernel, blocks, name: str, n: int, out_shape, column_blocks: int = 1,
+                     **params):
+  """pallas_call of a kernel over n rows, one program per `steps` blocks of `rows` rows (and per
+  column block); blocks = (rows, steps, warps, stages). out_shape(programs) gives the outputs."""
+  rows, steps, warps, stages = blocks
+  programs = pl.cdiv(n, rows * steps)
+  return pl.pallas_call(
+      functools.partial(kernel, rows=rows, steps=steps, **params),
+      out_shape=out_shape(programs), grid=(programs, column_blocks),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      interpret=_interpret(), name=name)
 
 
 def _layer_norm_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float,
@@ -222,19 +242,8 @@ def _layer_norm_bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, 
 
   zeros = jnp.zeros((rows, col.shape[0]), jnp.float32)
   dscale, dbias = lax.fori_loop(0, steps, body, (zeros, zeros))
-  at = (jnp.full((1, 1), program), col[None, :])   # this program's partial sums
-  plgpu.store(dscale_ref.at[at], jnp.sum(dscale, axis=0)[None, :], mask=cmask[None, :])
-  plgpu.store(dbias_ref.at[at], jnp.sum(dbias, axis=0)[None, :], mask=cmask[None, :])
-
-
-def _layer_norm_call(kernel, blocks, name: str, n: int, out_shape, **params):
-  rows, steps, warps, stages = blocks
-  programs = pl.cdiv(n, rows * steps)
-  return pl.pallas_call(
-      functools.partial(kernel, rows=rows, steps=steps, **params),
-      out_shape=out_shape(programs), grid=(programs,),
-      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
-      interpret=_interpret(), name=name)
+  _store_partial_sum(dscale_ref, program, col, cmask, dscale)
+  _store_partial_sum(dbias_ref, program, col, cmask, dbias)
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
@@ -243,7 +252,7 @@ def _layer_norm_fwd(x, scale, bias, eps):
   out_shape = lambda _: (jax.ShapeDtypeStruct((n, d), x.dtype),
                          jax.ShapeDtypeStruct((n,), jnp.float32),
                          jax.ShapeDtypeStruct((n,), jnp.float32))
-  y_ND, mean_N, rstd_N = _layer_norm_call(_layer_norm_fwd_kernel, LN_FWD_BLOCKS, "layer_norm_fwd",
+  y_ND, mean_N, rstd_N = _row_blocks_call(_layer_norm_fwd_kernel, LN_FWD_BLOCKS, "layer_norm_fwd",
                                           n, out_shape, eps=eps)(x_ND, scale, bias)
   return y_ND.reshape(x.shape), (x_ND, scale, mean_N, rstd_N)
 
@@ -256,7 +265,7 @@ def _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres):
                                 jax.ShapeDtypeStruct((programs, d), jnp.float32))
   args = [x_ND, dy.reshape(n, d), mean_N, rstd_N, scale]
   args += [dres.reshape(n, d)] if residual else []
-  dx_ND, dscale_PD, dbias_PD = _layer_norm_call(
+  dx_ND, dscale_PD, dbias_PD = _row_blocks_call(
       _layer_norm_bwd_kernel, LN_BWD_BLOCKS, "layer_norm_bwd", n, out_shape,
       residual=residual)(*args)
   return dx_ND.reshape(dy.shape), dscale_PD.sum(0), dbias_PD.sum(0)
@@ -321,8 +330,7 @@ def _bias_gelu_grad_kernel(x_ref, dy_ref, dx_ref, db_ref, *, rows: int, steps: i
     return db + dx
 
   db = lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), jnp.float32))
-  at = (jnp.full((1, 1), program), col[None, :])
-  plgpu.store(db_ref.at[at], jnp.sum(db, axis=0)[None, :], mask=cmask[None, :])
+  _store_partial_sum(db_ref, program, col, cmask, db)
 
 
 def bias_gelu_grad(x, dy):
@@ -330,14 +338,10 @@ def bias_gelu_grad(x, dy):
   sum over rows of d(x), in float32."""
   x_NF, dy_NF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
   n, f = x_NF.shape
-  rows, steps, warps, stages, cols = GELU_BLOCKS
+  *blocks, cols = GELU_BLOCKS
   cols = min(cols, pl.next_power_of_2(f))
-  programs = pl.cdiv(n, rows * steps)
-  dx_NF, db_PF = pl.pallas_call(
-      functools.partial(_bias_gelu_grad_kernel, rows=rows, steps=steps, cols=cols),
-      out_shape=(jax.ShapeDtypeStruct((n, f), x.dtype),
-                 jax.ShapeDtypeStruct((programs, f), jnp.float32)),
-      grid=(programs, pl.cdiv(f, cols)),
-      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
-      interpret=_interpret(), name="bias_gelu_grad")(x_NF, dy_NF)
+  out_shape = lambda programs: (jax.ShapeDtypeStruct((n, f), x.dtype),
+                                jax.ShapeDtypeStruct((programs, f), jnp.float32))
+  dx_NF, db_PF = _row_blocks_call(_bias_gelu_grad_kernel, blocks, "bias_gelu_grad", n, out_shape,
+                                  column_blocks=pl.cdiv(f, cols), cols=cols)(x_NF, dy_NF)
   return dx_NF.reshape(x.shape), db_PF.sum(0)

@@ -75,7 +75,7 @@ def bias_gelu(h, bias):
   """gelu(h + bias), whose backward pass is gptjax.kernels.bias_gelu_grad's Pallas kernel: d(h)
   and d(bias) in one pass over the saved pre-activation h + bias (which the matmul's GELU epilogue
   writes anyway) and d(y). For one GPU (kernels.enabled); elsewhere DenseGELU uses gelu."""
-  return _gelu_form(h + bias)
+  return _bias_gelu_fwd(h, bias)[0]
 
 
 def _bias_gelu_fwd(h, bias):
@@ -113,30 +113,26 @@ class DenseGELU(nn.Module):
     return gelu(h_NF + bias)
 
 
-class LayerNorm(nn.Module):
-  """flax.linen.LayerNorm (same parameters, epsilon 1e-6, statistics in float32, output in
-  `dtype`), run as gptjax.kernels' Pallas kernels on one GPU and in XLA elsewhere.
+class LayerNorm(nn.LayerNorm):
+  """flax.linen.LayerNorm (its parameters and options), run as gptjax.kernels' Pallas kernels on
+  one GPU and as flax's own elsewhere.
 
   With `residual=True` it returns (x, LayerNorm(x)), and the caller continues the residual stream
   from that x: the kernels' backward pass then adds the stream's gradient into d(x) as it writes
   it, instead of XLA adding it in another pass over the activations.
   """
-  dtype: jnp.dtype = jnp.float32
-  epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x, residual: bool = False):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
     if kernels.enabled():
+      features = (x.shape[-1],)
+      scale = self.param("scale", self.scale_init, features, self.param_dtype)
+      bias = self.param("bias", self.bias_init, features, self.param_dtype)
       out = kernels.layer_norm(x, scale, bias, self.epsilon, residual)
       x, y = out if residual else (x, out)
-    else:  # flax.linen.LayerNorm's arithmetic: one-pass variance, the scale folded into rsqrt
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axis=-1, keepdims=True)
-      var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
-      y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    y = y.astype(self.dtype)
+      y = y.astype(self.dtype or x.dtype)
+    else:
+      y = super().__call__(x)
     return (x, y) if residual else y
 
 
@@ -199,10 +195,10 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, deterministic: bool, cache_index=None):
     cfg = self.config
-    x_BTD, h_BTD = LayerNorm(cfg.dtype, name="ln1")(x_BTD, residual=True)
+    x_BTD, h_BTD = LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD, residual=True)
     x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(h_BTD, deterministic=deterministic,
                                                           cache_index=cache_index)
-    x_BTD, h_BTD = LayerNorm(cfg.dtype, name="ln2")(x_BTD, residual=True)
+    x_BTD, h_BTD = LayerNorm(dtype=cfg.dtype, name="ln2")(x_BTD, residual=True)
     x_BTD = x_BTD + MLP(cfg, name="mlp")(h_BTD, deterministic=deterministic)
     return x_BTD
 
@@ -231,7 +227,7 @@ class GPT(nn.Module):
     block = nn.remat(Block, static_argnums=(2,)) if cfg.remat and not decode else Block
     for i in range(cfg.num_layers):
       x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
-    x_BTD = LayerNorm(cfg.dtype, name="ln_f")(x_BTD)
+    x_BTD = LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
     # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
     logits_BTV = x_BTD @ wte.embedding.astype(cfg.dtype).T
     return logits_BTV.astype(logits_dtype)

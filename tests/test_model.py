@@ -115,7 +115,7 @@ def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkey
   stream = lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32)) * w_x)
 
   def ours(x, params):
-    out = model_lib.LayerNorm(dtype).apply({"params": params}, x, residual=residual)
+    out = model_lib.LayerNorm(dtype=dtype).apply({"params": params}, x, residual=residual)
     x_out, y = out if residual else (x, out)
     return jnp.sum(y.astype(jnp.float32) * w_y) + stream(x_out)
 
@@ -123,7 +123,7 @@ def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkey
     y = nn.LayerNorm(dtype=dtype).apply({"params": params}, x)
     return jnp.sum(y.astype(jnp.float32) * w_y) + stream(x)
 
-  y = model_lib.LayerNorm(dtype).apply({"params": params}, x)
+  y = model_lib.LayerNorm(dtype=dtype).apply({"params": params}, x)
   assert y.dtype == dtype
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=0.02, atol=0.02)
   np.testing.assert_allclose(y.astype(np.float32), nn.LayerNorm(dtype=dtype).apply(
