@@ -1,8 +1,9 @@
-"""Times the loss's two passes over bf16 logits that serve per-token losses (evaluation) and
-their gradient, XLA against gptjax.kernels' Pallas kernels (the train step's fused kernel is
-timed in the step).
+"""Times the loss's passes over bf16 logits: the two that serve per-token losses (evaluation) and
+their gradient, XLA against gptjax.kernels' Pallas kernels, and the train step's fused kernel
+(both passes: the loss, and d(logits) written over the logits; 3 x 3.3 GB of traffic).
 
     python bench/loss_kernels.py                       # 32768 x 50304: medium, batch 32
+    python bench/loss_kernels.py --sweep               # + the fused kernel's settings
     python bench/loss_kernels.py --rows 64 --vocab 3000  # a quick check (CPU: Pallas interpreter)
 
 Prints ms per call (median of 3 windows), the memory bandwidth it implies and the largest
@@ -23,14 +24,16 @@ import optax  # noqa: E402
 from gptjax import kernels, step  # noqa: E402
 
 
-def time_ms(f, *args, n=20):
-  f = jax.jit(f)
+def time_ms(f, *args, n=20, donate=False):
+  """Median of 3 windows of n calls, in ms. With `donate`, f takes one array and returns one like
+  it, which the next call takes (kernels that write over their input)."""
+  f = jax.jit(f, donate_argnums=(0,) if donate else ())
   out = jax.block_until_ready(f(*args))
   windows = []
   for _ in range(3):
     t = time.perf_counter()
     for _ in range(n):
-      out = f(*args)
+      out = f(out) if donate else f(*args)
     jax.block_until_ready(out)
     windows.append((time.perf_counter() - t) / n * 1e3)
   return sorted(windows)[1], out
@@ -41,6 +44,8 @@ def main(argv=None):
   p.add_argument("--rows", type=int, default=32768)
   p.add_argument("--vocab", type=int, default=50304)
   p.add_argument("--calls", type=int, default=20, help="calls per timed window")
+  p.add_argument("--sweep", action="store_true",
+                 help="time the fused kernel with other (block, warps) settings too")
   args = p.parse_args(argv)
   print(f"{jax.devices()[0].device_kind}: logits {args.rows} x {args.vocab} bf16")
   kx, kt, kg = jax.random.split(jax.random.key(0), 3)
@@ -64,6 +69,26 @@ def main(argv=None):
     results[name] = (ms, err)
     print(f"{name:20s} {ms:8.3f} ms  {traffic / ms:6.2f} TB/s  max difference {err:.2e}",
           flush=True)
+
+  # The fused kernel writes d(logits) over its input: each timed call gets the last one's output.
+  scale = 1.0 / args.rows
+  _, vjp = jax.vjp(lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, t)),
+                   x.astype(jnp.float32))
+  d_mean_ref = vjp(jnp.float32(1))[0]
+  default = (kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS)
+  settings = [default] + ([(4096, 16), (8192, 8), (8192, 16), (8192, 32), (16384, 32)]
+                          if args.sweep else [])
+  for block, warps in settings:
+    kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS = block, warps
+    name = "fused" + ("" if (block, warps) == default else f", block {block}, {warps} warps")
+    f = lambda x: kernels.softmax_cross_entropy_fused(x, t, scale)[2]
+    d = jax.jit(f)(x)
+    err = float(jnp.max(jnp.abs(d.astype(jnp.float32) - d_mean_ref)))
+    ms, _ = time_ms(f, d, n=args.calls, donate=True)
+    results[name] = (ms, err)
+    print(f"{name:20s} {ms:8.3f} ms  {3 * gb / ms:6.2f} TB/s  max difference {err:.2e}",
+          flush=True)
+  kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS = default
   return results
 
 

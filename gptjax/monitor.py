@@ -7,8 +7,10 @@ Each group is computed under `lax.cond` on its interval, so a step that reports 
 nothing. On the host: one compact log line per report, vanishing/exploding flags, TensorBoard
 scalars. `MONITOR_DOC` says how to read them (gptjax.docs prints it in --info).
 """
+import math
 import re
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,14 +110,40 @@ def sample_stats(params, sample_idx: dict) -> dict:
   return out
 
 
-def _zeros_like(tree_fn, *args):
-  shapes = jax.eval_shape(tree_fn, *args)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+class Packed(flax.struct.PyTreeNode):
+  """A nested dict of statistics kept as one flat array per dtype (`arrays`), and where each
+  statistic lies in them (`layout`, static: the tree's structure and per leaf its array, offset
+  and shape). `unpack()` gives the dict back, on the host after jax.device_get or in jit."""
+  arrays: tuple
+  layout: tuple = flax.struct.field(pytree_node=False)
+
+  def unpack(self) -> dict:
+    treedef, slots = self.layout
+    return jax.tree.unflatten(treedef, [
+        self.arrays[i][offset:offset + math.prod(shape)].reshape(shape)
+        for i, offset, shape in slots])
 
 
-def when(pred, fn, *args):
-  """fn(*args) if pred else zeros of the same structure; one `lax.cond`, nothing done when off."""
-  return jax.lax.cond(pred, fn, lambda *a: _zeros_like(fn, *a), *args)
+def when(pred, fn, *args) -> Packed:
+  """fn(*args) if pred else zeros of the same structure, in one `lax.cond`: nothing is computed
+  when off. The result is Packed: one flat array per dtype leaves the cond, so the branch not
+  taken writes a few zero-filled buffers, where a tree of statistics made XLA write, and copy,
+  hundreds of small ones every step (0.6 ms of the medium preset's 62.8 ms step on an H100)."""
+  leaves, treedef = jax.tree.flatten(jax.eval_shape(fn, *args))
+  dtypes = sorted({jnp.dtype(leaf.dtype) for leaf in leaves}, key=str)
+  slots, sizes = [], [0] * len(dtypes)
+  for leaf in leaves:
+    i = dtypes.index(leaf.dtype)
+    slots.append((i, sizes[i], leaf.shape))
+    sizes[i] += leaf.size
+
+  def flat(*a):
+    values = jax.tree.leaves(fn(*a))
+    return tuple(jnp.concatenate([jnp.ravel(v) for v, (j, _, _) in zip(values, slots) if j == i])
+                 for i in range(len(dtypes)))
+
+  zeros = lambda *a: tuple(jnp.zeros(n, dtype) for n, dtype in zip(sizes, dtypes))
+  return Packed(jax.lax.cond(pred, flat, zeros, *args), (treedef, tuple(slots)))
 
 
 def due(step, interval: int):

@@ -158,9 +158,12 @@ def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
     if weight_on:
       metrics["weight"] = monitor.when(
           monitor.due(step, config.weight_monitor_interval),
-          lambda old, new: monitor.weight_stats(old, new, sample_idx), state.params, params)
-    # Also on a non-finite step, whatever the interval, so the host can say where; the params
-    # counted are the kept ones (the rejected update is not them).
+          lambda old, new: monitor.weight_stats(old, new, sample_idx), state.params,
+          new_state.params)
+    # The weight monitor's update is what the step kept (none on a non-finite step): taken from
+    # the new state, the update's unselected result need not be kept as a buffer of its own.
+    # Sanity also on a non-finite step, whatever the interval, so the host can say where; the
+    # params counted are the kept ones (the rejected update is not them).
     metrics["sanity"] = monitor.when(
         monitor.due(step, config.sanity_check_interval) | ~finite,
         monitor.sanity_stats, loss, grads, new_state.params)

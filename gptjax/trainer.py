@@ -194,21 +194,21 @@ class StepReader:
       self.epoch_loss[1] += 1
     interval = config.sanity_check_interval
     if not finite or (interval and step % interval == 0):
-      where = monitor.nonfinite_where(jax.device_get(metrics["sanity"]))
+      where = monitor.nonfinite_where(jax.device_get(metrics["sanity"]).unpack())
       if where or not finite:
         self.on_nonfinite(step, where or "the global gradient norm (it overflowed; each gradient "
                           "value is finite)", applied=bool(finite))
     scalars = {}
     if "grad" in metrics and step % config.gradient_monitor_interval == 0:
       line, s, flags = monitor.gradient_report(
-          jax.device_get(metrics["grad"]), config.grad_vanish_threshold,
+          jax.device_get(metrics["grad"]).unpack(), config.grad_vanish_threshold,
           config.grad_explode_threshold)
       report.info(f"[grad step {step + 1}] {line}")
       for flag in flags:
         report.info(f"[grad step {step + 1}] WARNING {flag}")
       scalars.update(s)
     if "weight" in metrics and step % config.weight_monitor_interval == 0:
-      line, s = monitor.weight_report(jax.device_get(metrics["weight"]))
+      line, s = monitor.weight_report(jax.device_get(metrics["weight"]).unpack())
       report.info(f"[weights step {step + 1}] {line}")
       scalars.update(s)
     if step % config.log_interval == 0 or step == self.total_steps - 1:

@@ -219,7 +219,8 @@ def test_loss_kernel_benchmark_script_agrees_with_xla():
   spec.loader.exec_module(script)
   results = script.main(["--rows", "8", "--vocab", "2500", "--calls", "1"])
   assert set(results) == {"logsumexp, XLA", "logsumexp, Pallas", "d(logits), XLA",
-                          "d(logits), Pallas"}
+                          "d(logits), Pallas", "fused"}
   assert results["logsumexp, XLA"][1] < 1e-4 and results["logsumexp, Pallas"][1] < 1e-4
   # d(logits) is written in bf16: off from the float32 reference by at most its rounding.
   assert results["d(logits), XLA"][1] < 1e-2 and results["d(logits), Pallas"][1] < 1e-2
+  assert results["fused"][1] < 1e-2 / 8   # d(mean loss): the gradient over 8 rows

@@ -91,7 +91,7 @@ def test_gradient_and_update_statistics_equal_direct_computation(monitored):
   loss, grads = jax.jit(jax.value_and_grad(direct_loss, argnums=1), static_argnums=0)(
       model, state.params, batches[0])
   new_state, m = step(state, batches[0], jax.random.key(1))   # donates `state`
-  g = jax.device_get(m["grad"])
+  g = jax.device_get(m["grad"]).unpack()
 
   assert bool(m["finite"]) and abs(float(m["loss"]) - float(loss)) < 1e-5
   expected = layer_norms(grads)
@@ -110,7 +110,7 @@ def test_gradient_and_update_statistics_equal_direct_computation(monitored):
     assert not other["clipped"]
 
   # The update/weight ratio is |new - old| / |old| of each layer, new being what the step kept.
-  w = jax.device_get(m["weight"])
+  w = jax.device_get(m["weight"]).unpack()
   delta = jax.tree.map(np.subtract, host_copy(new_state.params), initial.params)
   old_norms, delta_norms = layer_norms(initial.params), layer_norms(delta)
   for name in LAYERS:
@@ -145,10 +145,11 @@ def test_sample_statistics_use_one_fixed_sample_and_intervals_gate(monitored):
     before = flax.traverse_util.flatten_dict(host_copy(state.params), sep="/")
     state, m = step(state, batches[i], jax.random.key(1))
     if i == 1:  # interval 2: step 1 is not due; the cond's other branch returns zeros
-      assert all(float(x) == 0 for x in jax.tree.leaves(jax.device_get((m["grad"], m["weight"]))))
+      off = jax.device_get((m["grad"], m["weight"]))
+      assert all(float(x) == 0 for x in jax.tree.leaves([p.unpack() for p in off]))
       assert float(m["grad_norm"]) > 0    # the every-step scalars are still there
       continue
-    sample = jax.device_get(m["weight"]["sample"])
+    sample = jax.device_get(m["weight"]).unpack()["sample"]
     assert set(sample) == MATRICES
     for name, idx in sample_idx.items():
       s = before[name].reshape(-1)[np.asarray(idx)]
@@ -172,7 +173,7 @@ def test_nonfinite_step_is_not_applied_and_says_where(monitored):
   assert int(after.step) == int(poisoned.step)       # the step counter did not move either
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(poisoned)):
     np.testing.assert_array_equal(a, b)              # params and optimizer state untouched
-  where = monitor.nonfinite_where(jax.device_get(m["sanity"]))
+  where = monitor.nonfinite_where(jax.device_get(m["sanity"]).unpack())
   assert where.startswith("loss; grads in ")
   assert where.endswith("params in block_1/mlp (1)")
 
@@ -182,7 +183,7 @@ def test_monitors_off_add_no_keys():
   _, step, state, _, batches = build(config)
   _, m = step(state, batches[0], jax.random.key(1))
   assert set(m) == {"loss", "grad_norm", "lr", "finite", "sanity"}
-  assert monitor.nonfinite_where(jax.device_get(m["sanity"])) == ""
+  assert monitor.nonfinite_where(jax.device_get(m["sanity"]).unpack()) == ""
 
 
 def _primitive_names(jaxpr) -> set:
