@@ -16,6 +16,14 @@ GPU_XLA_FLAGS = (
     "--xla_gpu_enable_triton_gemm=false",
 )
 
+# One GPU: XLA's dot merger off. It merges matmuls that share an operand into one, and would
+# merge the attention's q, k and v projections (gptjax.model.QKVDense: three matmuls, so that
+# each leaves its matmul contiguous for cuDNN's attention) back into one whose output is then
+# sliced (copies) and whose gradients are concatenated. Measured on one H100: the medium preset
+# at batch 128 +2.1% tokens/s, equal at batch 32; with the merger on the three matmuls are 2%
+# slower than one (bench/PERF_LOG.md). Not with several GPUs, where it is not measured.
+ONE_GPU_XLA_FLAGS = ("--xla_disable_hlo_passes=dot-merger",)
+
 # Several GPUs: the latency-hiding scheduler lets XLA overlap the gradient all-reduce (data) and
 # the weight all-gather / gradient reduce-scatter (fsdp) with the matmuls of neighbouring layers,
 # instead of running each collective between them; combining collectives into 128 MiB transfers
@@ -65,8 +73,16 @@ def epilogue_fusion_on() -> bool:
   return _flags(" ".join(GPU_XLA_FLAGS)).items() <= current.items()
 
 
+def dot_merger_off() -> bool:
+  """Whether XLA_FLAGS turns XLA's dot merger off (ONE_GPU_XLA_FLAGS, or a user's own list)."""
+  passes = _flags(os.environ.get("XLA_FLAGS", "")).get("--xla_disable_hlo_passes") or ""
+  return "dot-merger" in passes.split(",")
+
+
 def set_defaults(gpus: int = None) -> list:
-  """Adds GPU_XLA_FLAGS where a GPU is visible and MULTI_GPU_XLA_FLAGS where several are."""
+  """Adds GPU_XLA_FLAGS where a GPU is visible, ONE_GPU_XLA_FLAGS where it is the only one and
+  MULTI_GPU_XLA_FLAGS where there are several."""
   gpus = visible_gpu_count() if gpus is None else gpus
-  flags = (GPU_XLA_FLAGS if gpus >= 1 else ()) + (MULTI_GPU_XLA_FLAGS if gpus >= 2 else ())
+  flags = ((GPU_XLA_FLAGS if gpus >= 1 else ()) + (ONE_GPU_XLA_FLAGS if gpus == 1 else ())
+           + (MULTI_GPU_XLA_FLAGS if gpus >= 2 else ()))
   return add(flags)

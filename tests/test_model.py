@@ -97,6 +97,34 @@ def test_gelu_runs_in_bf16_only_where_xla_fuses_it(monkeypatch, request, flags_o
                              rtol=0.05 if flags_on else 0.01, atol=0.02 if flags_on else 0.01)
 
 
+@pytest.mark.parametrize("merger_off", [True, False])
+def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, request, merger_off):
+  # q, k, v: nn.Dense(3D)'s parameters and values. On a GPU with XLA's dot merger off (one GPU)
+  # three matmuls on column slices of the kernel, else one matmul split.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=dot-merger" if merger_off else "")
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+  qkv = model_lib.QKVDense(12, jnp.float32, nn.initializers.normal(0.02))
+  params = qkv.init(jax.random.key(1), x)
+  dense = nn.Dense(36, kernel_init=nn.initializers.normal(0.02))
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, dense.init(
+      jax.random.key(1), x))   # a checkpoint of either loads into the other
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  dots = [e for e in jax.make_jaxpr(qkv.apply)(params, x).jaxpr.eqns
+          if e.primitive.name == "dot_general"]
+  assert len(dots) == (3 if merger_off else 1)
+  ours = lambda p: qkv.apply(p, x)
+  split = lambda p: tuple(jnp.split(dense.apply(p, x), 3, axis=-1))
+  for a, b in zip(ours(params), split(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  w = jax.random.normal(jax.random.key(3), (3, 2, 5, 12))
+  loss = lambda f: lambda p: sum(jnp.sum(y * w[i]) for i, y in enumerate(f(p)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.grad(loss(ours))(params), jax.grad(loss(split))(params))
+
+
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "final"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])

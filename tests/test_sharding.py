@@ -323,9 +323,14 @@ def test_xla_flags_by_gpu_count_and_the_users_own_win(monkeypatch):
 
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
   added = xla_flags.set_defaults(gpus=1)
-  assert added == ["--xla_gpu_enable_cublaslt=true"]
+  assert added == ["--xla_gpu_enable_cublaslt=true", "--xla_disable_hlo_passes=dot-merger"]
   assert os.environ["XLA_FLAGS"].split() == ["--xla_gpu_enable_triton_gemm=true",
-                                              "--xla_gpu_enable_cublaslt=true"]
+                                              "--xla_gpu_enable_cublaslt=true",
+                                              "--xla_disable_hlo_passes=dot-merger"]
+  assert xla_flags.dot_merger_off()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=foo")   # the user's own list wins
+  assert xla_flags.set_defaults(gpus=1) == list(xla_flags.GPU_XLA_FLAGS)
+  assert not xla_flags.dot_merger_off()
   monkeypatch.delenv("XLA_FLAGS")
   added = xla_flags.set_defaults(gpus=2)
   assert added == list(xla_flags.GPU_XLA_FLAGS + xla_flags.MULTI_GPU_XLA_FLAGS)
