@@ -176,8 +176,9 @@ DEVICES AND MACHINES
   machines: the same command on each, with --config.coordinator_address=HOST0:PORT
   --config.num_processes=N --config.process_id=i (detected by itself under Slurm or Open MPI).
   On any GPU gptjax adds --xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false to
-  XLA_FLAGS (bias, residual add and GELU fused into the matmuls); with two or more it also turns
-  on XLA's latency-hiding scheduler and combines collectives. A flag already in XLA_FLAGS wins.
+  XLA_FLAGS (bias, residual add and GELU fused into the matmuls); with one it also turns XLA's
+  dot merger off (q, k and v from three matmuls, no copies), with two or more it turns on XLA's
+  latency-hiding scheduler and combines collectives. A flag already in XLA_FLAGS wins.
 
 USING THE MODEL
   python -m gptjax.evaluate --model result/lm_X/models/model_<TS> --split test   (loss, ppl,
