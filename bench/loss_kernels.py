@@ -78,17 +78,19 @@ def main(argv=None):
   default = (kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS)
   settings = [default] + ([(4096, 16), (8192, 8), (8192, 16), (8192, 32), (16384, 32)]
                           if args.sweep else [])
-  for block, warps in settings:
-    kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS = block, warps
-    name = "fused" + ("" if (block, warps) == default else f", block {block}, {warps} warps")
-    f = lambda x: kernels.softmax_cross_entropy_fused(x, t, scale)[2]
-    d = jax.jit(f)(x)
-    err = float(jnp.max(jnp.abs(d.astype(jnp.float32) - d_mean_ref)))
-    ms, _ = time_ms(f, d, n=args.calls, donate=True)
-    results[name] = (ms, err)
-    print(f"{name:20s} {ms:8.3f} ms  {3 * gb / ms:6.2f} TB/s  max difference {err:.2e}",
-          flush=True)
-  kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS = default
+  try:
+    for block, warps in settings:
+      kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS = block, warps
+      name = "fused" + ("" if (block, warps) == default else f", block {block}, {warps} warps")
+      f = lambda x: kernels.softmax_cross_entropy_fused(x, t, scale)[2]
+      d = jax.jit(f)(x)
+      err = float(jnp.max(jnp.abs(d.astype(jnp.float32) - d_mean_ref)))
+      ms, _ = time_ms(f, d, n=args.calls, donate=True)
+      results[name] = (ms, err)
+      print(f"{name:20s} {ms:8.3f} ms  {3 * gb / ms:6.2f} TB/s  max difference {err:.2e}",
+            flush=True)
+  finally:
+    kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS = default
   return results
 
 

@@ -177,7 +177,7 @@ class QKVDense(nn.Module):
   """q, k and v: nn.Dense(3 * features) split in three, with nn.Dense's parameters ('kernel',
   'bias') and arithmetic.
 
-  On a GPU with XLA's dot merger off (gptjax.xla_flags, one GPU) it runs three matmuls on column
+  On one GPU with XLA's dot merger off (gptjax.xla_flags) it runs three matmuls on column
   slices of the kernel, so that q, k and v each leave their own matmul contiguous, as cuDNN's
   attention takes them; slicing one (B, T, 3D) output copies them, and their gradients are
   concatenated (2.4 ms of the medium preset's 62 ms step on an H100). With the merger on, XLA
@@ -192,12 +192,21 @@ class QKVDense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], 3 * D), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (3 * D,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if jax.default_backend() == "gpu" and xla_flags.dot_merger_off():
+    if separate_qkv_matmuls():
       return qkv_matmuls(x, kernel, bias)
     return tuple(jnp.split(x @ kernel + bias, 3, axis=-1))
 
 
+def separate_qkv_matmuls() -> bool:
+  """Whether QKVDense runs three matmuls: on one GPU, with XLA's dot merger off. A run of several
+  processes with one GPU each gets the flag too (gptjax.xla_flags counts the GPUs a process sees),
+  but keeps one matmul: the three are measured on one device only."""
+  return kernels.enabled() and xla_flags.dot_merger_off()
+
+
 class CausalSelfAttention(nn.Module):
+  """Causal multi-head self-attention of x (B, T, D); returns the output projection as rows
+  (B*T, D), the layout in which Block adds it to the residual stream."""
   config: ModelConfig
 
   @nn.compact

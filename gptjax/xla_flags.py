@@ -21,7 +21,8 @@ GPU_XLA_FLAGS = (
 # each leaves its matmul contiguous for cuDNN's attention) back into one whose output is then
 # sliced (copies) and whose gradients are concatenated. Measured on one H100: the medium preset
 # at batch 128 +2.1% tokens/s, equal at batch 32; with the merger on the three matmuls are 2%
-# slower than one (bench/PERF_LOG.md). Not with several GPUs, where it is not measured.
+# slower than one (bench/PERF_LOG.md). Not with several GPUs, where it is not measured (a process
+# that sees one GPU of a multi-process run gets the flag, and the model keeps one matmul there).
 ONE_GPU_XLA_FLAGS = ("--xla_disable_hlo_passes=dot-merger",)
 
 # Several GPUs: the latency-hiding scheduler lets XLA overlap the gradient all-reduce (data) and

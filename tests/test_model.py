@@ -97,32 +97,85 @@ def test_gelu_runs_in_bf16_only_where_xla_fuses_it(monkeypatch, request, flags_o
                              rtol=0.05 if flags_on else 0.01, atol=0.02 if flags_on else 0.01)
 
 
-@pytest.mark.parametrize("merger_off", [True, False])
-def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, request, merger_off):
-  # q, k, v: nn.Dense(3D)'s parameters and values. On a GPU with XLA's dot merger off (one GPU)
-  # three matmuls on column slices of the kernel, else one matmul split.
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=dot-merger" if merger_off else "")
-  jax.clear_caches()
-  request.addfinalizer(jax.clear_caches)
-  x = jax.random.normal(jax.random.key(0), (2, 5, 12))
-  qkv = model_lib.QKVDense(12, jnp.float32, nn.initializers.normal(0.02))
+def _made_by(jaxpr) -> dict:
+  """{variable: the primitive that made it}, through the jaxprs nested in equations too."""
+  out = {}
+  for eqn in jaxpr.eqns:
+    out.update({v: eqn.primitive.name for v in eqn.outvars})
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          out.update(_made_by(sub))
+  return out
+
+
+def _adds(jaxpr, shape) -> list:
+  """Every add (through nested jaxprs) of two arrays of `shape`, as its equation."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name in ("add", "add_any")
+        and all(getattr(v.aval, "shape", None) == shape for v in eqn.invars)):
+      out.append(eqn)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          out += _adds(sub, shape)
+  return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("separate", [True, False], ids=["three_matmuls", "one_matmul"])
+def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype):
+  # q, k, v: nn.Dense(3D)'s parameters, values and gradients. On one GPU with XLA's dot merger
+  # off, three matmuls on column slices of the kernel; else one matmul, split.
+  monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 12)).astype(dtype)
+  qkv = model_lib.QKVDense(12, dtype, nn.initializers.normal(0.02))
   params = qkv.init(jax.random.key(1), x)
-  dense = nn.Dense(36, kernel_init=nn.initializers.normal(0.02))
+  dense = nn.Dense(36, dtype=dtype, kernel_init=nn.initializers.normal(0.02))
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, dense.init(
       jax.random.key(1), x))   # a checkpoint of either loads into the other
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
-  assert str(jax.make_jaxpr(qkv.apply)(params, x)).count("dot_general") == (
-      3 if merger_off else 1)
+  assert str(jax.make_jaxpr(qkv.apply)(params, x)).count("dot_general") == (3 if separate else 1)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=5e-2)
   ours = lambda p, x: qkv.apply(p, x)
   split = lambda p, x: tuple(jnp.split(dense.apply(p, x), 3, axis=-1))
   for a, b in zip(ours(params, x), split(params, x)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), **tol)
   # The gradients of the parameters and of x (three matmuls' contributions added).
   w = jax.random.normal(jax.random.key(3), (3, 2, 5, 12))
-  loss = lambda f: lambda p, x: sum(jnp.sum(y * w[i]) for i, y in enumerate(f(p, x)))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(split), (0, 1))(params, x))
+  loss = lambda f: lambda p, x: sum(jnp.sum(y.astype(jnp.float32) * w[i])
+                                    for i, y in enumerate(f(p, x)))
+  grads = jax.grad(loss(ours), (0, 1))(params, x)
+  assert grads[1].dtype == dtype
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a.astype(np.float32), b.astype(np.float32), **tol), grads,
+      jax.grad(loss(split), (0, 1))(params, x))
+  if separate:   # x's gradient: each add's first operand a matmul's output (see qkv_matmuls)
+    jaxpr = jax.make_jaxpr(jax.grad(loss(ours), 1))(params, x).jaxpr
+    made_by, adds = _made_by(jaxpr), _adds(jaxpr, x.shape)
+    assert len(adds) == 2 and all(made_by[a.invars[0]] == "dot_general" for a in adds)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_model_with_three_qkv_matmuls_matches_one(monkeypatch, remat):
+  # The whole model, q, k and v from three matmuls (one GPU, dot merger off) against one.
+  config = dataclasses.replace(SMALL, remat=remat)
+  tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+  params = GPT(config).init(jax.random.key(0), tokens[:, :-1])["params"]
+
+  def loss_and_grads(separate):
+    monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
+    loss = lambda p: step.mean_cross_entropy(step.logits(GPT(config), p, tokens[:, :-1]),
+                                             tokens[:, 1:])
+    return jax.value_and_grad(loss)(params)
+
+  (loss, grads), (one_loss, one_grads) = loss_and_grads(True), loss_and_grads(False)
+  np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               grads, one_grads)
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "final"])

@@ -91,6 +91,11 @@ def test_gradient_and_update_statistics_equal_direct_computation(monitored):
   loss, grads = jax.jit(jax.value_and_grad(direct_loss, argnums=1), static_argnums=0)(
       model, state.params, batches[0])
   new_state, m = step(state, batches[0], jax.random.key(1))   # donates `state`
+  # Each monitor's cond returns one flat array per dtype, not one per statistic: float32 and the
+  # bool `clipped` (gradient), float32 (weight), int32 counts (sanity).
+  assert [a.dtype for a in m["grad"].arrays] == [np.dtype(bool), np.dtype(np.float32)]
+  assert [a.ndim for a in m["grad"].arrays + m["weight"].arrays + m["sanity"].arrays] == [1] * 4
+  assert len(m["weight"].arrays) == len(m["sanity"].arrays) == 1
   g = jax.device_get(m["grad"]).unpack()
 
   assert bool(m["finite"]) and abs(float(m["loss"]) - float(loss)) < 1e-5
