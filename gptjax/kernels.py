@@ -62,81 +62,82 @@ def _softmax_grad_block(x, col, target, lse, g):
   return (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * g
 
 
-def _logsumexp_kernel(x_ref, out_ref, *, block: int):
+def _per_row_call(kernel, out_shape, warps: int, name: str, **params):
+  """pallas_call of a kernel that sees one row of its arrays (its refs: that row's slices),
+  vmapped over the rows: one Triton program per row."""
+  return jax.vmap(pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+      interpret=_interpret(), name=name, **params))
+
+
+def _row_logsumexp(x_ref, block: int, target=None):
+  """One streamed pass over a row in blocks: its logsumexp (float32) and, given the target's
+  column, the target's logit."""
   n_col = x_ref.shape[0]
 
   def body(i, carry):
     col = i * block + jnp.arange(block)
     x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
-    return _online_logsumexp(*carry, x)
+    m_s = _online_logsumexp(*carry[:2], x)
+    return m_s if target is None else (*m_s, carry[2] + jnp.sum(jnp.where(col == target, x, 0.0)))
 
-  m, s = lax.fori_loop(0, pl.cdiv(n_col, block), body, (jnp.float32(-jnp.inf), jnp.float32(0)))
-  out_ref[...] = m + jnp.log(s)
-
-
-def logsumexp(x):
-  """logsumexp over the last axis, in float32: one read of x (one program per row)."""
-  call = pl.pallas_call(
-      functools.partial(_logsumexp_kernel, block=LSE_BLOCK),
-      out_shape=jax.ShapeDtypeStruct((), jnp.float32), grid=(),
-      compiler_params=plgpu.CompilerParams(num_warps=LSE_WARPS, num_stages=1),
-      interpret=_interpret(), name="logsumexp_rows")
-  return jax.vmap(call)(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+  zero = jnp.float32(0)
+  init = (jnp.float32(-jnp.inf), zero) + (() if target is None else (zero,))
+  m, s, *t = lax.fori_loop(0, pl.cdiv(n_col, block), body, init)
+  return m + jnp.log(s), *t
 
 
-def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: int):
+def _write_softmax_grad(x_ref, out_ref, target, lse, g, block: int, backwards: bool = False):
+  """One streamed pass over a row in blocks, writing (softmax - onehot(target)) * g; `backwards`
+  from its last block to its first."""
   n_col = x_ref.shape[0]
-  target, lse, g = target_ref[...], lse_ref[...], g_ref[...]
+  n_block = pl.cdiv(n_col, block)
 
-  @pl.loop(0, pl.cdiv(n_col, block))
+  @pl.loop(0, n_block)
   def _(i):
-    col = i * block + jnp.arange(block)
+    col = ((n_block - 1 - i) if backwards else i) * block + jnp.arange(block)
     mask = col < n_col
     x = plgpu.load(x_ref.at[col], mask=mask, other=0.0).astype(jnp.float32)
     d = _softmax_grad_block(x, col, target, lse, g)
     plgpu.store(out_ref.at[col], d.astype(out_ref.dtype), mask=mask)
 
 
+def _logsumexp_kernel(x_ref, out_ref, *, block: int):
+  out_ref[...] = _row_logsumexp(x_ref, block)[0]
+
+
+def logsumexp(x):
+  """logsumexp over the last axis, in float32: one read of x (one program per row)."""
+  call = _per_row_call(functools.partial(_logsumexp_kernel, block=LSE_BLOCK),
+                       jax.ShapeDtypeStruct((), jnp.float32), LSE_WARPS, "logsumexp_rows")
+  return call(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+
+
+def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: int):
+  _write_softmax_grad(x_ref, out_ref, target_ref[...], lse_ref[...], g_ref[...], block)
+
+
 def softmax_cross_entropy_grad(logits, targets, lse, g):
   """d(loss)/d(logits) of per-row cross-entropies with upstream gradients g, in the logits' dtype:
   (softmax(logits) - onehot(targets)) * g, with softmax = exp(logits - lse); as
   gptjax.step.softmax_cross_entropy_grad (targets, lse and g: the logits' shape less the last)."""
-  call = pl.pallas_call(
-      functools.partial(_softmax_grad_kernel, block=DLOGITS_BLOCK),
-      out_shape=jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), grid=(),
-      compiler_params=plgpu.CompilerParams(num_warps=DLOGITS_WARPS, num_stages=1),
-      interpret=_interpret(), name="softmax_cross_entropy_grad")
-  rows = jax.vmap(call)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                        lse.reshape(-1), g.reshape(-1).astype(jnp.float32))
+  call = _per_row_call(functools.partial(_softmax_grad_kernel, block=DLOGITS_BLOCK),
+                       jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), DLOGITS_WARPS,
+                       "softmax_cross_entropy_grad")
+  rows = call(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), lse.reshape(-1),
+              g.reshape(-1).astype(jnp.float32))
   return rows.reshape(logits.shape)
-
 
 
 def _fused_kernel(x_ref, target_ref, r_ref, lse_ref, target_logit_ref, *, block: int,
                   scale: float):
-  n_col = x_ref.shape[0]
   target = target_ref[...]
-
-  def body(i, carry):   # pass 1: the online logsumexp, and the target's logit on the way
-    m, s, t = carry
-    col = i * block + jnp.arange(block)
-    x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
-    return *_online_logsumexp(m, s, x), t + jnp.sum(jnp.where(col == target, x, 0.0))
-
-  n_block = pl.cdiv(n_col, block)
-  zero = jnp.float32(0)
-  m, s, t = lax.fori_loop(0, n_block, body, (jnp.float32(-jnp.inf), zero, zero))
-  lse = m + jnp.log(s)
+  lse, t = _row_logsumexp(x_ref, block, target)   # pass 1, and the target's logit on the way
   lse_ref[...] = lse
   target_logit_ref[...] = t
-
-  @pl.loop(0, n_block)
-  def _(i):   # pass 2, backwards: the blocks read last come first, while still in L2
-    col = (n_block - 1 - i) * block + jnp.arange(block)
-    mask = col < n_col
-    x = plgpu.load(x_ref.at[col], mask=mask, other=0.0).astype(jnp.float32)
-    d = _softmax_grad_block(x, col, target, lse, scale)
-    plgpu.store(r_ref.at[col], d.astype(r_ref.dtype), mask=mask)
+  # Pass 2, backwards: the blocks read last come first, while still in L2.
+  _write_softmax_grad(x_ref, r_ref, target, lse, scale, block, backwards=True)
 
 
 def softmax_cross_entropy_fused(logits, targets, scale: float):
@@ -149,14 +150,12 @@ def softmax_cross_entropy_fused(logits, targets, scale: float):
   keep the logits and write d(logits) beside them, this writes d(logits) in their place: one
   vocabulary-sized buffer less (2.7 GiB for the medium preset at batch 32). Its block settings are
   the d(logits) kernel's (DLOGITS_*); as fast in the step as the two kernels it replaces."""
-  call = pl.pallas_call(
+  call = _per_row_call(
       functools.partial(_fused_kernel, block=DLOGITS_BLOCK, scale=scale),
-      out_shape=(jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype),
-                 jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)),
-      grid=(), input_output_aliases={0: 0},
-      compiler_params=plgpu.CompilerParams(num_warps=DLOGITS_WARPS, num_stages=1),
-      interpret=_interpret(), name="softmax_cross_entropy_fused")
-  d, lse, target_logit = jax.vmap(call)(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+      (jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype),
+       jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)),
+      DLOGITS_WARPS, "softmax_cross_entropy_fused", input_output_aliases={0: 0})
+  d, lse, target_logit = call(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
   return lse.reshape(targets.shape), target_logit.reshape(targets.shape), d.reshape(logits.shape)
 
 

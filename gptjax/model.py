@@ -92,19 +92,25 @@ def _bias_gelu_bwd(saved, dy):
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
-class DenseGELU(nn.Module):
-  """gelu(nn.Dense(features)(x)) on 2-D rows, with nn.Dense's parameters ('kernel', 'bias') and
-  arithmetic: the matmul's output is the GELU's direct operand, as cuBLASLt's epilogue fusion
-  needs (gelu); through a reshape XLA would fuse no GELU, or compute the matmul twice."""
-  features: int
-  dtype: jnp.dtype
-  kernel_init: nn.initializers.Initializer
+class _Dense(nn.Dense):
+  """nn.Dense's fields and parameters ('kernel', 'bias'), for layers that compute with them in
+  their own way."""
+
+  def promoted(self, x):
+    """(x, kernel, bias) in the compute dtype, the parameters declared as nn.Dense declares them."""
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+
+class DenseGELU(_Dense):
+  """gelu(nn.Dense(features)(x)) on 2-D rows, with nn.Dense's parameters and arithmetic: the
+  matmul's output is the GELU's direct operand, as cuBLASLt's epilogue fusion needs (gelu);
+  through a reshape XLA would fuse no GELU, or compute the matmul twice."""
 
   @nn.compact
   def __call__(self, x_NK):
-    kernel = self.param("kernel", self.kernel_init, (x_NK.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x_NK, kernel, bias = nn.dtypes.promote_dtype(x_NK, kernel, bias, dtype=self.dtype)
+    x_NK, kernel, bias = self.promoted(x_NK)
     h_NF = x_NK @ kernel
     if kernels.enabled():
       return bias_gelu(h_NF, bias)
@@ -173,28 +179,22 @@ def _qkv_matmuls_bwd(saved, dqkv):
 qkv_matmuls.defvjp(_qkv_matmuls_fwd, _qkv_matmuls_bwd)
 
 
-class QKVDense(nn.Module):
-  """q, k and v: nn.Dense(3 * features) split in three, with nn.Dense's parameters ('kernel',
-  'bias') and arithmetic.
+class QKVDense(_Dense):
+  """q, k and v: nn.Dense(features = 3 * d) split in three, with nn.Dense's parameters and
+  arithmetic.
 
   On one GPU with XLA's dot merger off (gptjax.xla_flags) it runs three matmuls on column
   slices of the kernel, so that q, k and v each leave their own matmul contiguous, as cuDNN's
   attention takes them; slicing one (B, T, 3D) output copies them, and their gradients are
   concatenated (2.4 ms of the medium preset's 62 ms step on an H100). With the merger on, XLA
   merges the three back into one matmul, sliced: there, and elsewhere, it is one matmul."""
-  features: int
-  dtype: jnp.dtype
-  kernel_init: nn.initializers.Initializer
 
   @nn.compact
   def __call__(self, x):
-    D = self.features
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], 3 * D), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (3 * D,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = self.promoted(x)
     if separate_qkv_matmuls():
       return qkv_matmuls(x, kernel, bias)
-    return tuple(jnp.split(x @ kernel + bias, 3, axis=-1))
+    return tuple(_thirds(x @ kernel + bias))
 
 
 def separate_qkv_matmuls() -> bool:
@@ -214,8 +214,8 @@ class CausalSelfAttention(nn.Module):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     B, T, D = x_BTD.shape
-    q_BTNH, k_BTNH, v_BTNH = (y_BTD.reshape(B, T, cfg.num_heads, head_dim) for y_BTD in
-                              QKVDense(D, cfg.dtype, _init(0.02), name="qkv")(x_BTD))
+    qkv = QKVDense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
+    q_BTNH, k_BTNH, v_BTNH = (y_BTD.reshape(B, T, cfg.num_heads, head_dim) for y_BTD in qkv)
     if cache_index is None:
       y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
                                             implementation=cfg.attention)
@@ -247,7 +247,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_ND, *, deterministic: bool):   # rows (B*T, D) in and out
     cfg = self.config
-    h_NF = DenseGELU(cfg.d_ff, cfg.dtype, _init(0.02), name="fc")(x_ND)
+    h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(x_ND)
     y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj",
                     kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(h_NF)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)

@@ -4,7 +4,7 @@ import importlib.util
 import os
 
 import jax
-import jax.extend
+import jax.extend.core
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -97,32 +97,11 @@ def test_gelu_runs_in_bf16_only_where_xla_fuses_it(monkeypatch, request, flags_o
                              rtol=0.05 if flags_on else 0.01, atol=0.02 if flags_on else 0.01)
 
 
-def _made_by(jaxpr) -> dict:
-  """{variable: the primitive that made it}, through the jaxprs nested in equations too."""
-  out = {}
-  for eqn in jaxpr.eqns:
-    out.update({v: eqn.primitive.name for v in eqn.outvars})
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          out.update(_made_by(sub))
-  return out
-
-
-def _adds(jaxpr, shape) -> list:
-  """Every add (through nested jaxprs) of two arrays of `shape`, as its equation."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if (eqn.primitive.name in ("add", "add_any")
-        and all(getattr(v.aval, "shape", None) == shape for v in eqn.invars)):
-      out.append(eqn)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        sub = getattr(sub, "jaxpr", sub)
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          out += _adds(sub, shape)
-  return out
+def _eqns(jaxpr):
+  """Every equation of `jaxpr` and, recursively, of the jaxprs inside its equations."""
+  yield from jaxpr.eqns
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    yield from _eqns(sub)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -132,7 +111,7 @@ def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype)
   # off, three matmuls on column slices of the kernel; else one matmul, split.
   monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
   x = jax.random.normal(jax.random.key(0), (2, 5, 12)).astype(dtype)
-  qkv = model_lib.QKVDense(12, dtype, nn.initializers.normal(0.02))
+  qkv = model_lib.QKVDense(36, dtype=dtype, kernel_init=nn.initializers.normal(0.02))
   params = qkv.init(jax.random.key(1), x)
   dense = nn.Dense(36, dtype=dtype, kernel_init=nn.initializers.normal(0.02))
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, dense.init(
@@ -155,7 +134,9 @@ def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype)
       jax.grad(loss(split), (0, 1))(params, x))
   if separate:   # x's gradient: each add's first operand a matmul's output (see qkv_matmuls)
     jaxpr = jax.make_jaxpr(jax.grad(loss(ours), 1))(params, x).jaxpr
-    made_by, adds = _made_by(jaxpr), _adds(jaxpr, x.shape)
+    made_by = {v: eqn.primitive.name for eqn in _eqns(jaxpr) for v in eqn.outvars}
+    adds = [eqn for eqn in _eqns(jaxpr) if eqn.primitive.name in ("add", "add_any")
+            and all(getattr(v.aval, "shape", None) == x.shape for v in eqn.invars)]
     assert len(adds) == 2 and all(made_by[a.invars[0]] == "dot_general" for a in adds)
 
 
