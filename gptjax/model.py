@@ -96,11 +96,24 @@ class _Dense(nn.Dense):
   """nn.Dense's fields and parameters ('kernel', 'bias'), for layers that compute with them in
   their own way."""
 
-  def promoted(self, x):
-    """(x, kernel, bias) in the compute dtype, the parameters declared as nn.Dense declares them."""
+  def promoted(self, x, input_bias=None):
+    """(x, kernel, bias) in the compute dtype, the parameters declared as nn.Dense declares them.
+    With `input_bias` (a vector added to every row of x), bias becomes input_bias @ kernel + bias,
+    computed in the parameters' dtype: (x + c) W + b = x W + (c W + b)."""
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    if input_bias is not None:
+      bias = jnp.dot(input_bias, kernel, precision=jax.lax.Precision.HIGHEST) + bias
     return nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+
+class Dense(_Dense):
+  """nn.Dense, which can also take a vector added to every row of its input into its bias."""
+
+  @nn.compact
+  def __call__(self, x, input_bias=None):
+    x, kernel, bias = self.promoted(x, input_bias)
+    return x @ kernel + bias
 
 
 class DenseGELU(_Dense):
@@ -147,54 +160,64 @@ def _init(std):
 
 
 @jax.custom_vjp
-def qkv_matmuls(x, kernel, bias):
-  """(q, k, v) = x @ kernel + bias as three matmuls, one per third of the kernel's columns.
+def qkv_matmuls(x, kernel, q_bias):
+  """(q, k, v) = x @ kernel as three matmuls, one per third of the kernel's columns, q_bias added
+  to q (k and v leave without bias: see QKVDense).
 
   Its backward pass adds the three input gradients as dq Wq^T + (dk Wk^T + dv Wv^T), each sum
   with a plain matmul's output as its first operand: XLA's cuBLAS rewriter turns an add into a
   matmul's C input (beta = 1) only when the add's first operand is a matmul without one, and
   autodiff's order, ((dv Wv^T + dk Wk^T) + dq Wq^T), left the second add a pass of its own
   (0.6 ms per 32 sequences of the medium preset on an H100)."""
-  return _qkv_matmuls_fwd(x, kernel, bias)[0]
+  return _qkv_matmuls_fwd(x, kernel, q_bias)[0]
 
 
 def _thirds(a):
   return jnp.split(a, 3, axis=-1)
 
 
-def _qkv_matmuls_fwd(x, kernel, bias):
-  return tuple(x @ w + b for w, b in zip(_thirds(kernel), _thirds(bias))), (x, kernel, bias)
+def _qkv_matmuls_fwd(x, kernel, q_bias):
+  wq, wk, wv = _thirds(kernel)
+  return (x @ wq + q_bias, x @ wk, x @ wv), (x, kernel, q_bias)
 
 
 def _qkv_matmuls_bwd(saved, dqkv):
-  x, kernel, bias = saved
+  x, kernel, q_bias = saved
   (wq, wk, wv), (dq, dk, dv) = _thirds(kernel), dqkv
   dx = dq @ wq.T + (dk @ wk.T + dv @ wv.T)
   rows = lambda a: a.reshape(-1, a.shape[-1])
   dkernel = jnp.concatenate([rows(x).T @ rows(d) for d in dqkv], axis=1)
-  dbias = jnp.concatenate([jnp.sum(rows(d).astype(jnp.float32), axis=0) for d in dqkv])
-  return dx, dkernel, dbias.astype(bias.dtype)
+  dq_bias = jnp.sum(rows(dq).astype(jnp.float32), axis=0)
+  return dx, dkernel, dq_bias.astype(q_bias.dtype)
 
 
 qkv_matmuls.defvjp(_qkv_matmuls_fwd, _qkv_matmuls_bwd)
 
 
 class QKVDense(_Dense):
-  """q, k and v: nn.Dense(features = 3 * d) split in three, with nn.Dense's parameters and
-  arithmetic.
+  """q, k and v for attention: nn.Dense(features = 3 * d) split in three, with nn.Dense's
+  parameters. Returns (q, k, v, v_bias): with v_bias None, exactly nn.Dense's output split.
 
   On one GPU with XLA's dot merger off (gptjax.xla_flags) it runs three matmuls on column
   slices of the kernel, so that q, k and v each leave their own matmul contiguous, as cuDNN's
   attention takes them; slicing one (B, T, 3D) output copies them, and their gradients are
   concatenated (2.4 ms of the medium preset's 62 ms step on an H100). With the merger on, XLA
-  merges the three back into one matmul, sliced: there, and elsewhere, it is one matmul."""
+  merges the three back into one matmul, sliced: there, and elsewhere, it is one matmul.
+
+  The three matmuls leave k and v without their biases, which attention does not need where
+  they are: k's bias adds q . b_k to all of a query's scores alike, which softmax cancels, so its
+  gradient is 0; v's bias reaches every output row whole (the attention weights sum to 1), so
+  it is returned as v_bias for the output projection to take into its own bias
+  (Dense.promoted's input_bias). Two bias epilogues and two bias-gradient passes over
+  (B*T, d) fewer per block."""
 
   @nn.compact
   def __call__(self, x):
     x, kernel, bias = self.promoted(x)
     if separate_qkv_matmuls():
-      return qkv_matmuls(x, kernel, bias)
-    return tuple(_thirds(x @ kernel + bias))
+      d = self.features // 3
+      return (*qkv_matmuls(x, kernel, bias[:d]), self.variables["params"]["bias"][2 * d:])
+    return (*_thirds(x @ kernel + bias), None)
 
 
 def separate_qkv_matmuls() -> bool:
@@ -214,7 +237,7 @@ class CausalSelfAttention(nn.Module):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     B, T, D = x_BTD.shape
-    qkv = QKVDense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
+    *qkv, v_bias = QKVDense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
     q_BTNH, k_BTNH, v_BTNH = (y_BTD.reshape(B, T, cfg.num_heads, head_dim) for y_BTD in qkv)
     if cache_index is None:
       y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
@@ -224,8 +247,8 @@ class CausalSelfAttention(nn.Module):
       y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BLNH, v_BLNH, mask=mask_11TL,
                                             implementation="xla")
     # GPT-2: residual projections scaled by 1/sqrt(2 * num_layers).
-    y_ND = nn.Dense(D, dtype=cfg.dtype, name="proj",
-                    kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTNH.reshape(B * T, D))
+    y_ND = Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_init(
+        0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTNH.reshape(B * T, D), input_bias=v_bias)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)   # rows, as Block adds them
 
   def _write_cache(self, k_BTNH, v_BTNH, index):

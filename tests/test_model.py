@@ -108,7 +108,8 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("separate", [True, False], ids=["three_matmuls", "one_matmul"])
 def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype):
   # q, k, v: nn.Dense(3D)'s parameters, values and gradients. On one GPU with XLA's dot merger
-  # off, three matmuls on column slices of the kernel; else one matmul, split.
+  # off, three matmuls on column slices of the kernel, k and v without their biases (v's bias
+  # returned); else one matmul, split.
   monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
   x = jax.random.normal(jax.random.key(0), (2, 5, 12)).astype(dtype)
   qkv = model_lib.QKVDense(36, dtype=dtype, kernel_init=nn.initializers.normal(0.02))
@@ -119,7 +120,13 @@ def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype)
   params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
   assert str(jax.make_jaxpr(qkv.apply)(params, x)).count("dot_general") == (3 if separate else 1)
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=5e-2)
-  ours = lambda p, x: qkv.apply(p, x)
+  def ours(p, x):
+    q, k, v, v_bias = qkv.apply(p, x)
+    assert (v_bias is None) == (not separate)
+    if separate:   # the biases the matmuls left out, added back here
+      k, v = k + p["params"]["bias"][12:24].astype(dtype), v + v_bias.astype(dtype)
+    return q, k, v
+
   split = lambda p, x: tuple(jnp.split(dense.apply(p, x), 3, axis=-1))
   for a, b in zip(ours(params, x), split(params, x)):
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), **tol)
@@ -142,10 +149,14 @@ def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype)
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_model_with_three_qkv_matmuls_matches_one(monkeypatch, remat):
-  # The whole model, q, k and v from three matmuls (one GPU, dot merger off) against one.
+  # The whole model, q, k and v from three matmuls (one GPU, dot merger off; k's bias left out,
+  # v's taken into the projection's) against one. Biases are 0 at init: here they are not.
   config = dataclasses.replace(SMALL, remat=remat)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
   params = GPT(config).init(jax.random.key(0), tokens[:, :-1])["params"]
+  leaves, treedef = jax.tree.flatten(params)
+  params = treedef.unflatten([p + 0.1 * jax.random.normal(jax.random.key(i), p.shape)
+                              for i, p in enumerate(leaves)])
 
   def loss_and_grads(separate):
     monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
