@@ -96,12 +96,16 @@ class _Dense(nn.Dense):
   """nn.Dense's fields and parameters ('kernel', 'bias'), for layers that compute with them in
   their own way."""
 
-  def promoted(self, x, input_bias=None):
-    """(x, kernel, bias) in the compute dtype, the parameters declared as nn.Dense declares them.
-    With `input_bias` (a vector added to every row of x), bias becomes input_bias @ kernel + bias,
-    computed in the parameters' dtype: (x + c) W + b = x W + (c W + b)."""
+  def declared(self, x):
+    """(kernel, bias), declared as nn.Dense declares them, in the parameters' dtype."""
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return kernel, self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+
+  def promoted(self, x, input_bias=None):
+    """(x, kernel, bias) in the compute dtype. With `input_bias` (a vector added to every row of
+    x), bias becomes input_bias @ kernel + bias, computed in the parameters' dtype:
+    (x + c) W + b = x W + (c W + b)."""
+    kernel, bias = self.declared(x)
     if input_bias is not None:
       bias = jnp.dot(input_bias, kernel, precision=jax.lax.Precision.HIGHEST) + bias
     return nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -213,11 +217,12 @@ class QKVDense(_Dense):
 
   @nn.compact
   def __call__(self, x):
-    x, kernel, bias = self.promoted(x)
+    kernel, bias = self.declared(x)
+    x_c, kernel_c, bias_c = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if separate_qkv_matmuls():
       d = self.features // 3
-      return (*qkv_matmuls(x, kernel, bias[:d]), self.variables["params"]["bias"][2 * d:])
-    return (*_thirds(x @ kernel + bias), None)
+      return (*qkv_matmuls(x_c, kernel_c, bias_c[:d]), bias[2 * d:])
+    return (*_thirds(x_c @ kernel_c + bias_c), None)
 
 
 def separate_qkv_matmuls() -> bool:
@@ -229,7 +234,12 @@ def separate_qkv_matmuls() -> bool:
 
 class CausalSelfAttention(nn.Module):
   """Causal multi-head self-attention of x (B, T, D); returns the output projection as rows
-  (B*T, D), the layout in which Block adds it to the residual stream."""
+  (B*T, D), the layout in which Block adds it to the residual stream.
+
+  Where QKVDense leaves k's and v's biases out (its v_bias not None), the projection takes v's:
+  exact because every query sees at least one key (causal, and the decode mask keeps each query's
+  own position) and the attention weights are not dropped out, so each row's weights sum to 1.
+  Attention dropout, or a mask that can leave a row without keys, would need v's bias back on v."""
   config: ModelConfig
 
   @nn.compact

@@ -6,8 +6,8 @@ any device call: the command-line tools call it first thing. Nothing changes on 
 import os
 import re
 
-# One GPU or more: matmuls through cuBLASLt with XLA's epilogue fusion. The vector bias of every
-# Dense layer, the residual add after a projection (beta=1) and the MLP's GELU (BIAS_GELU_AUX,
+# One GPU or more: matmuls through cuBLASLt with XLA's epilogue fusion. The vector bias of the
+# Dense layers, the residual add after a projection (beta=1) and the MLP's GELU (BIAS_GELU_AUX,
 # see gptjax.model.gelu) then run inside the matmul instead of as separate passes over memory.
 # XLA fuses epilogues only in its cuBLAS rewriter; matmuls that go through the Triton GEMM
 # autotuner come back without them, hence the second flag. bench/PERF_LOG.md has the A/B.

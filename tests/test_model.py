@@ -124,7 +124,7 @@ def test_qkv_projection_is_nn_dense_split_in_three(monkeypatch, separate, dtype)
     q, k, v, v_bias = qkv.apply(p, x)
     assert (v_bias is None) == (not separate)
     if separate:   # the biases the matmuls left out, added back here
-      k, v = k + p["params"]["bias"][12:24].astype(dtype), v + v_bias.astype(dtype)
+      k, v = k + jnp.split(p["params"]["bias"], 3)[1].astype(dtype), v + v_bias.astype(dtype)
     return q, k, v
 
   split = lambda p, x: tuple(jnp.split(dense.apply(p, x), 3, axis=-1))
@@ -166,6 +166,9 @@ def test_model_with_three_qkv_matmuls_matches_one(monkeypatch, remat):
 
   (loss, grads), (one_loss, one_grads) = loss_and_grads(True), loss_and_grads(False)
   np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
+  for i in range(config.num_layers):   # k's bias: no effect on the model, its gradient exactly 0
+    q_bias_grad, k_bias_grad, _ = jnp.split(grads[f"block_{i}"]["attn"]["qkv"]["bias"], 3)
+    assert not np.any(k_bias_grad) and np.all(q_bias_grad)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                grads, one_grads)
 
