@@ -4,7 +4,8 @@ Every row builds the trainer's own pieces (trainer.model_config, optim.make_opti
 step.make_train_step, the monitors' sample indices) for one config and measures one of:
   step (default)  the compiled step on synthetic random tokens: compile seconds, then the median
                   of --repeats windows of --steps steps (warm-up excluded, the device synchronised
-                  at both ends of each window), tokens/s, MFU, peak device memory;
+                  at both ends of each window), tokens/s, MFU, peak device memory, and on
+                  GPUs the SM clock and power nvidia-smi reports meanwhile;
   --loop          the same bare step, then trainer.train_and_evaluate on the config's real data;
                   the loop's tokens/s come from the trainer's own log intervals (the first, which
                   holds compilation, is left out) and are compared with the bare step;
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,6 +134,67 @@ def expand_rows(args, config_argv) -> list:
   return rows
 
 
+# ----------------------------------------------------------------------------- clocks and power
+
+SMI_FIELDS = "index,clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_event_reasons.active"
+POWER_CAP_REASONS = 0x04 | 0x80   # nvidia-smi's "SW power cap" and "HW power brake slowdown"
+
+
+def summarize_clocks(lines, devices=None):
+  """Medians of nvidia-smi samples (`SMI_FIELDS` as CSV, no units) of the GPUs in `devices` (all
+  if None): the SM clock, its maximum, the power drawn and its limit, and the fraction of samples
+  whose clocks were held down by the power limit. None without a readable sample."""
+  samples = []
+  for line in lines:
+    try:
+      index, sm, sm_max, power, limit, reasons = (v.strip() for v in line.split(","))
+      sample = (int(index), float(sm), float(sm_max), float(power), float(limit),
+                int(reasons, 16))
+    except ValueError:   # a header, "[N/A]", or an error message
+      continue
+    if devices is None or sample[0] in devices:
+      samples.append(sample)
+  if not samples:
+    return None
+  median = lambda i: statistics.median(s[i] for s in samples)
+  return {"sm_clock_mhz": median(1), "sm_clock_max_mhz": median(2), "power_w": median(3),
+          "power_limit_w": median(4), "samples": len(samples),
+          "power_capped": sum(bool(s[5] & POWER_CAP_REASONS) for s in samples) / len(samples)}
+
+
+class ClockSampler:
+  """Samples nvidia-smi every `period_ms` while its `with` block runs; `.summary` is then
+  summarize_clocks' dict for the GPUs this process sees. A card at its power limit lowers its
+  clock: the step is then bound by the energy it takes, and two cards of one kind can differ.
+  Off GPU, or without nvidia-smi, nothing runs and the summary is None."""
+
+  def __init__(self, period_ms: int = 100, command: str = "nvidia-smi", force: bool = False):
+    self.period_ms, self.command, self.force = period_ms, command, force
+    self.summary, self._process, self._out = None, None, None
+
+  def __enter__(self):
+    import jax
+    if not (self.force or jax.default_backend() == "gpu") or not shutil.which(self.command):
+      return self
+    self._out = tempfile.TemporaryFile("w+")
+    self._process = subprocess.Popen(
+        [self.command, f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader,nounits",
+         "-lms", str(self.period_ms)], stdout=self._out, stderr=subprocess.DEVNULL)
+    return self
+
+  def __exit__(self, *exc):
+    if self._process is None:
+      return
+    self._process.terminate()
+    self._process.wait()
+    self._out.seek(0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    devices = ({int(d) for d in visible.split(",")}
+               if visible and all(d.strip().isdigit() for d in visible.split(",")) else None)
+    self.summary = summarize_clocks(self._out.read().splitlines(), devices)
+    self._out.close()
+
+
 # ----------------------------------------------------------------------------- the measured step
 
 class _Built:
@@ -233,7 +296,8 @@ def measure_step(config, opts, total_steps: int = 10000) -> dict:
       f.write(built.compiled.as_text())
   built.run(max(opts["warmup"], 1))  # the first run also loads the program onto the device
   built.sync()
-  windows = [built.timed(opts["steps"]) / opts["steps"] for _ in range(opts["repeats"])]
+  with ClockSampler() as clocks:
+    windows = [built.timed(opts["steps"]) / opts["steps"] for _ in range(opts["repeats"])]
   loss, finite = jax.device_get((built.metrics["loss"], built.metrics["finite"]))
   if not finite:
     raise FloatingPointError(f"the loss went non-finite ({loss}) on random tokens")
@@ -249,7 +313,7 @@ def measure_step(config, opts, total_steps: int = 10000) -> dict:
       steps=opts["steps"], repeats=opts["repeats"], last_loss=float(loss),
       peak_bytes=_peak_bytes(), program_bytes=built.program_bytes(),
       compute_dtype=jax.numpy.dtype(built.mcfg.dtype).name,
-      attention=built.mcfg.attention or "xla (auto)")
+      attention=built.mcfg.attention or "xla (auto)", gpu_clocks=clocks.summary)
   if opts["profile"]:
     try:  # a profiler that cannot start (no CUPTI, say) must not cost the row its figures
       out["profile"] = profile(built, opts["profile"], opts["label"], step_s)
@@ -563,6 +627,11 @@ def format_row(row: dict, peak_tflops: float) -> str:
              f"of the bare step over {row['loop_steps_timed']} steps")
   if "loss_abs_diff" in row:
     text += f"; loss {row['loss']:.5f} vs float32 {row['loss_float32']:.5f}"
+  if row.get("gpu_clocks"):
+    c = row["gpu_clocks"]
+    text += (f"; SM clock {c['sm_clock_mhz']:,.0f} of {c['sm_clock_max_mhz']:,.0f} MHz, "
+             f"{c['power_w']:.0f} of {c['power_limit_w']:.0f} W, at the power limit in "
+             f"{100 * c['power_capped']:.0f}% of {c['samples']} samples")
   return text
 
 

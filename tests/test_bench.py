@@ -3,6 +3,7 @@ figures; the bf16-friendly cross-entropy of gptjax.step equals optax's."""
 import importlib.util
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,38 @@ def test_save_stall(tmp_path):
   (row,) = json.loads(out.read_text())["rows"]
   assert row["save_call_ms"] > 0 and row["snapshot_bytes"] > 4 * row["n_params"]
   assert np.isfinite(row["stall_ms_per_save"])
+
+
+def test_clock_summary_of_nvidia_smi_samples():
+  lines = ["0, 1500, 1980, 690.12, 700.00, 0x0000000000000004",
+           "1, 1980, 1980, 120.00, 700.00, 0x0000000000000000",   # another card
+           "0, 1700, 1980, 650.00, 700.00, 0x0000000000000000",
+           "0, [N/A], 1980, 650.00, 700.00, 0x0",                  # skipped
+           "0, 1600, 1980, 700.00, 700.00, 0x0000000000000080"]
+  c = bench.summarize_clocks(lines, devices={0})
+  assert c == {"sm_clock_mhz": 1600, "sm_clock_max_mhz": 1980, "power_w": 690.12,
+               "power_limit_w": 700, "samples": 3, "power_capped": pytest.approx(2 / 3)}
+  assert bench.summarize_clocks(lines)["samples"] == 4
+  assert bench.summarize_clocks(["Field is not a valid field to query."]) is None
+
+
+def test_clock_sampler_reads_nvidia_smi_while_its_block_runs(tmp_path):
+  # A stand-in for nvidia-smi (there is no GPU here) that answers as the real one does.
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text("#!/bin/sh\nwhile true; do echo '0, 1410, 1980, 698.50, 700.00, 0x4'; "
+                  "sleep 0.05; done\n")
+  fake.chmod(0o755)
+  with bench.ClockSampler(period_ms=50, command=str(fake), force=True) as sampler:
+    time.sleep(0.5)
+  c = sampler.summary
+  assert c["samples"] >= 2 and c["sm_clock_mhz"] == 1410 and c["power_capped"] == 1.0
+  with bench.ClockSampler(command=str(fake)) as off:   # on CPU: nothing sampled
+    pass
+  assert off.summary is None
+  row = {"mode": "step", "tokens_per_s": 1e5, "ms_per_step": 1.0, "ms_min": 1.0, "ms_max": 1.0,
+         "mfu": 0.5, "compile_s": 1.0, "peak_bytes": None, "gpu_clocks": c}
+  assert "SM clock 1,410 of 1,980 MHz, 698 of 700 W, at the power limit in 100%" in (
+      bench.format_row(row, 989))
 
 
 def test_rows_are_the_product_of_the_axes():
