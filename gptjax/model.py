@@ -212,7 +212,7 @@ class QKVDense(_Dense):
   they are: k's bias adds q . b_k to all of a query's scores alike, which softmax cancels, so its
   gradient is 0; v's bias reaches every output row whole (the attention weights sum to 1), so
   it is returned as v_bias for the output projection to take into its own bias
-  (Dense.promoted's input_bias). Two bias epilogues and two bias-gradient passes over
+  (_Dense.promoted's input_bias). Two bias epilogues and two bias-gradient passes over
   (B*T, d) fewer per block."""
 
   @nn.compact
