@@ -1,9 +1,9 @@
 """Times the loss's passes over bf16 logits: the two that serve per-token losses (evaluation) and
-their gradient, XLA against gptjax.kernels' Pallas kernels, and the train step's fused kernel
-(both passes: the loss, and d(logits) written over the logits; 3 x 3.3 GB of traffic).
+their gradient, XLA against gptjax.kernels' Pallas kernels, and the train step's kernel (the loss,
+and d(logits) unnormalized, written over the logits: one read and one write, 2 x 3.3 GB).
 
     python bench/loss_kernels.py                       # 32768 x 50304: medium, batch 32
-    python bench/loss_kernels.py --sweep               # + the fused kernel's settings
+    python bench/loss_kernels.py --sweep               # + the train step kernel's settings
     python bench/loss_kernels.py --rows 64 --vocab 3000  # a quick check (CPU: Pallas interpreter)
 
 Prints ms per call (median of 3 windows), the memory bandwidth it implies and the largest
@@ -46,7 +46,7 @@ def main(argv=None):
   p.add_argument("--vocab", type=int, default=50304)
   p.add_argument("--calls", type=int, default=20, help="calls per timed window")
   p.add_argument("--sweep", action="store_true",
-                 help="time the fused kernel with other (block, warps) settings too")
+                 help="time the train step's kernel with other (block, warps) settings too")
   args = p.parse_args(argv)
   print(f"{jax.devices()[0].device_kind}: logits {args.rows} x {args.vocab} bf16")
   kx, kt, kg = jax.random.split(jax.random.key(0), 3)
@@ -71,23 +71,24 @@ def main(argv=None):
     print(f"{name:20s} {ms:8.3f} ms  {traffic / ms:6.2f} TB/s  max difference {err:.2e}",
           flush=True)
 
-  # The fused kernel writes d(logits) over its input: each timed call gets the last one's output.
+  # The train step's kernel writes e over its input: each timed call gets the last one's output.
+  # d(mean loss)/d(logits) = r * e.
   scale = 1.0 / args.rows
   _, vjp = jax.vjp(lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, t)),
                    x.astype(jnp.float32))
   d_mean_ref = vjp(jnp.float32(1))[0]
-  default = (kernels.DLOGITS_BLOCK, kernels.DLOGITS_WARPS)
-  settings = [default] + ([(4096, 16), (8192, 8), (8192, 16), (8192, 32), (16384, 32)]
+  default = (kernels.DEFER_BLOCK, kernels.DEFER_WARPS)
+  settings = [default] + ([(4096, 4), (4096, 8), (4096, 16), (8192, 16), (16384, 16)]
                           if args.sweep else [])
   for block, warps in settings:
-    name = "fused" + ("" if (block, warps) == default else f", block {block}, {warps} warps")
-    f = lambda x: kernels.softmax_cross_entropy_fused(x, t, scale)[2]
-    with mock.patch.multiple(kernels, DLOGITS_BLOCK=block, DLOGITS_WARPS=warps):
-      d = jax.jit(f)(x)
-      err = float(jnp.max(jnp.abs(d.astype(jnp.float32) - d_mean_ref)))
-      ms, _ = time_ms(f, d, n=args.calls, donate=True)
+    name = "deferred" + ("" if (block, warps) == default else f", block {block}, {warps} warps")
+    f = lambda x: kernels.softmax_cross_entropy_deferred(x, t, scale)[3]
+    with mock.patch.multiple(kernels, DEFER_BLOCK=block, DEFER_WARPS=warps):
+      _, _, r, e = jax.jit(lambda x: kernels.softmax_cross_entropy_deferred(x, t, scale))(x)
+      err = float(jnp.max(jnp.abs(r[:, None] * e.astype(jnp.float32) - d_mean_ref)))
+      ms, _ = time_ms(f, e, n=args.calls, donate=True)
     results[name] = (ms, err)
-    print(f"{name:20s} {ms:8.3f} ms  {3 * gb / ms:6.2f} TB/s  max difference {err:.2e}",
+    print(f"{name:20s} {ms:8.3f} ms  {2 * gb / ms:6.2f} TB/s  max difference {err:.2e}",
           flush=True)
   return results
 

@@ -275,7 +275,7 @@ def loss_vs_float32(built, batch) -> dict:
 
   reference = GPT(dataclasses.replace(built.mcfg, dtype=jnp.float32, attention="xla"))
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  row = jax.jit(lambda p: step.mean_cross_entropy(step.logits(built.model, p, inputs), targets))
+  row = jax.jit(lambda p: step.train_loss(built.model, p, inputs, targets))
   ref = jax.jit(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
       reference.apply({"params": p}, inputs), targets)))
   a, b = float(row(built.state.params)), float(ref(built.state.params))
@@ -349,7 +349,7 @@ _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "ml
 _KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward",
                  "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward",
                  "bias_gelu_grad": "MLP backward",
-                 "softmax_cross_entropy_fused": "loss (forward and backward)"}
+                 "softmax_cross_entropy_deferred": "loss (forward and backward)"}
 
 
 def model_part(op_name: str) -> str:

@@ -1,12 +1,13 @@
 """Pallas (Triton) GPU kernels for the step's memory-bound passes, used on one GPU (`enabled`).
 
 Loss. The cross-entropy reads the (B*T, vocab) bf16 logits, the step's largest arrays (3.3 GB at
-the medium preset's batch 32), for each row's logsumexp and to write d(logits) = softmax - onehot.
-One Triton program per row streams it in blocks with an online max: 2.9 TB/s on an H100 (3.35 is
-the card's peak) where XLA's fused reduction reaches 1.7 for the logsumexp. The train step's loss
-is `softmax_cross_entropy_fused`: both passes in one kernel, d(logits) written over the logits;
-`logsumexp` and `softmax_cross_entropy_grad` serve per-token losses (evaluation) and their
-gradient. bench/PERF_LOG.md has the figures.
+the medium preset's batch 32). The train step's loss is `softmax_cross_entropy_deferred`: one
+Triton program per row streams it in blocks and writes, in the same pass, d(logits) up to a
+per-row factor that the output head's backward matmuls apply (gptjax.step.head_loss): one read
+and one write of each row, where d(logits) itself needs the row's logsumexp before it can be
+written (two reads). `logsumexp` and `softmax_cross_entropy_grad` serve per-token losses
+(evaluation) and their gradient: 2.9 TB/s on an H100 (3.35 is the card's peak) where XLA's fused
+reduction reaches 1.7 for the logsumexp. bench/PERF_LOG.md has the figures.
 
 GELU. `bias_gelu_grad` is the backward pass of the MLP's GELU(x W + b): d(pre-activation) and the
 bias gradient from one read of the saved pre-activation and of d(y), where XLA reduced the bias
@@ -30,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 LSE_BLOCK, LSE_WARPS = 2048, 4           # measured best of 2048..8192 x 4..16 on one H100
 DLOGITS_BLOCK, DLOGITS_WARPS = 4096, 8
+DEFER_BLOCK, DEFER_WARPS = 8192, 8       # the train step's loss kernel: best of 2048..16384 x 4..32
 
 
 # GELU backward's (rows per block, blocks per program, warps, stages, columns per block)
@@ -130,33 +132,98 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
   return rows.reshape(logits.shape)
 
 
-def _fused_kernel(x_ref, target_ref, r_ref, lse_ref, target_logit_ref, *, block: int,
-                  scale: float):
+# The deferred loss kernel's e = exp(logits - c) takes for c the row's first block max; a later
+# block whose max exceeds it by more than this (natural-log units) has the row redone with c = its
+# max, so that e and its row sums stay well within bfloat16's and float32's range.
+DEFER_LIMIT = 32.0
+
+
+def _deferred_kernel(x_ref, target_ref, e_ref, lse_ref, target_logit_ref, r_ref, *, block: int,
+                     scale: float):
+  n_col = x_ref.shape[0]
+  n_block = pl.cdiv(n_col, block)
   target = target_ref[...]
-  lse, t = _row_logsumexp(x_ref, block, target)   # pass 1, and the target's logit on the way
-  lse_ref[...] = lse
+  # The target's logit, read before its block is written over.
+  tcol = target + jnp.arange(1)
+  t = jnp.sum(plgpu.load(x_ref.at[tcol], mask=tcol < n_col, other=0.0).astype(jnp.float32))
+
+  def load(ref, i):
+    col = i * block + jnp.arange(block)
+    mask = col < n_col
+    return col, mask, plgpu.load(ref.at[col], mask=mask, other=-jnp.inf).astype(jnp.float32)
+
+  _, _, x = load(x_ref, 0)
+  c = jnp.max(x)
+  c = jnp.where(c == -jnp.inf, 0.0, c)   # a first block of -inf: no nan
+
+  def body(i, carry):
+    s, m, first_far = carry
+    col, mask, x = load(x_ref, i)
+    block_max = jnp.max(x)
+    far = (first_far < n_block) | (block_max > c + DEFER_LIMIT)
+    # From the first far block on, the logits are left as they are. (A mask that varies within a
+    # block, as one leaving out the target's column would, makes the stores scalar: 2.6x slower.)
+    e = jnp.exp(x - c)
+    plgpu.store(e_ref.at[col], e.astype(e_ref.dtype), mask=mask & ~far)
+    return (s + jnp.where(far, 0.0, jnp.sum(e)), jnp.maximum(m, block_max),
+            jnp.where(far, jnp.minimum(first_far, i), first_far))
+
+  s, m, first_far = lax.fori_loop(0, n_block, body, (jnp.float32(0), c, jnp.int32(n_block)))
+
+  # Rare: a far block. c becomes the row's max: the blocks before it are rescaled, the rest
+  # written from their logits. Both loops run no iterations otherwise.
+  redo = first_far < n_block
+  c_new = jnp.where(redo, m, c)
+  factor = jnp.exp(c - c_new)
+
+  @pl.loop(0, jnp.where(redo, first_far, 0))
+  def _(i):
+    col, mask, e = load(e_ref, i)
+    plgpu.store(e_ref.at[col], (e * factor).astype(e_ref.dtype), mask=mask)
+
+  def tail(i, s):
+    col, mask, x = load(e_ref, i)   # still the logits
+    e = jnp.exp(x - c_new)
+    plgpu.store(e_ref.at[col], e.astype(e_ref.dtype), mask=mask)
+    return s + jnp.sum(e)
+
+  s = lax.fori_loop(first_far, n_block, tail, s * factor)
+  lse_ref[...] = c_new + jnp.log(s)
   target_logit_ref[...] = t
-  # Pass 2, backwards: the blocks read last come first, while still in L2.
-  _write_softmax_grad(x_ref, r_ref, target, lse, scale, block, backwards=True)
+  r_ref[...] = scale / s
 
 
-def softmax_cross_entropy_fused(logits, targets, scale: float):
-  """One kernel for the loss and its gradient: per row of the logits its logsumexp and the
-  target's logit (float32), and (softmax - onehot(target)) * scale, written over the logits
-  (input_output_aliases: the logits' buffer is reused where nothing else reads it).
+def softmax_cross_entropy_deferred(logits, targets, scale: float):
+  """The loss and its gradient in one read and one write of each row of the (N, V) logits, the
+  softmax's normalization left to the caller: per row its logsumexp, the target's logit, a float32
+  factor r, and e, written over the logits (input_output_aliases), with
 
-  Each row is read twice, once per pass; the second pass runs backwards over the row, so that it
-  starts with the blocks most likely still in L2. Where logsumexp + softmax_cross_entropy_grad
-  keep the logits and write d(logits) beside them, this writes d(logits) in their place: one
-  vocabulary-sized buffer less (2.7 GiB for the medium preset at batch 32). Its block settings are
-  the d(logits) kernel's (DLOGITS_*); as fast in the step as the two kernels it replaces."""
+      d(mean loss)/d(logits) = (softmax - onehot(target)) * scale = r[:, None] * e,
+
+  e = exp(logits - c) in every column but the target's, exp(logit_target - c) - sum(exp(logits -
+  c)) there, and r = scale / sum(exp(logits - c)), for a per-row c: the max of the row's first
+  block, or, where a later block's max exceeds it by more than DEFER_LIMIT, the row's max (that row
+  is then read a second time). d(logits) itself needs the row's logsumexp before it can be
+  written, a second read of the row; e is written as the row is read, and the matmuls that take
+  d(logits) apply r to their other operand's rows or to their output's (gptjax.step.head_loss).
+  e's values stay within exp(DEFER_LIMIT) x the vocabulary size, in bf16's and float32's range.
+
+  The target's column is set after the kernel, by a scatter of N values into e's buffer, in place:
+  a store of that one column inside the kernel would be a mask varying within a block, which
+  makes Triton's stores scalar (2.6x slower), or a second store to the same address by another
+  thread."""
   call = _per_row_call(
-      functools.partial(_fused_kernel, block=DLOGITS_BLOCK, scale=scale),
+      functools.partial(_deferred_kernel, block=DEFER_BLOCK, scale=scale),
       (jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype),
-       jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)),
-      DLOGITS_WARPS, "softmax_cross_entropy_fused", input_output_aliases={0: 0})
-  d, lse, target_logit = call(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-  return lse.reshape(targets.shape), target_logit.reshape(targets.shape), d.reshape(logits.shape)
+       jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+       jax.ShapeDtypeStruct((), jnp.float32)),
+      DEFER_WARPS, "softmax_cross_entropy_deferred", input_output_aliases={0: 0})
+  e, lse, target_logit, r = call(logits, targets)
+  # exp(t - c) - sum(exp(logits - c)) = (exp(t - lse) - 1) * sum(exp(logits - c)), in float32.
+  at_target = (jnp.exp(target_logit - lse) - 1.0) * (scale / r)
+  e = e.at[jnp.arange(e.shape[0]), targets].set(at_target.astype(e.dtype),
+                                                 indices_are_sorted=True, unique_indices=True)
+  return lse, target_logit, r, e
 
 
 def _columns(d: int):

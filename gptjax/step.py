@@ -78,34 +78,52 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def mean_cross_entropy(logits_BTV, targets_BT):
-  """The mean of cross_entropy over all tokens: the training loss. On one GPU a single Pallas
-  kernel computes it and, for the backward pass, d(loss)/d(logits), which it writes over the
-  logits (kernels.softmax_cross_entropy_fused), whether or not the caller differentiates: to
-  evaluate, take token_losses. Elsewhere, the mean of cross_entropy."""
-  if kernels.enabled():
-    return _fused_mean_cross_entropy(logits_BTV, targets_BT)
+  """The mean of cross_entropy over all tokens."""
   return jnp.mean(cross_entropy(logits_BTV, targets_BT))
 
 
 @jax.custom_vjp
-def _fused_mean_cross_entropy(logits_BTV, targets_BT):
-  return _fused_mean_fwd(logits_BTV, targets_BT)[0]
+def head_loss(x_ND, w_VD, targets_N):
+  """The mean cross-entropy of the logits x_ND @ w_VD.T (the tied output head) against targets_N,
+  on one GPU: the logits' one read and one write in kernels.softmax_cross_entropy_deferred, which
+  leaves the softmax's per-row normalization r to the head's backward matmuls:
+
+      d(logits) = r[:, None] * e,   d(x) = r[:, None] * (e @ w),   d(w) = e.T @ (r[:, None] * x).
+
+  The logits are written over by e in the forward pass, whether or not the caller
+  differentiates: to evaluate, take token_losses."""
+  return _head_loss_fwd(x_ND, w_VD, targets_N)[0]
 
 
-def _fused_mean_fwd(logits_BTV, targets_BT):
-  lse_BT, target_BT, dlogits_BTV = kernels.softmax_cross_entropy_fused(
-      logits_BTV, targets_BT, scale=1.0 / targets_BT.size)
-  return jnp.mean(lse_BT - target_BT), dlogits_BTV
+def _head_loss_fwd(x_ND, w_VD, targets_N):
+  logits_NV = x_ND @ w_VD.T
+  lse_N, target_N, r_N, e_NV = kernels.softmax_cross_entropy_deferred(
+      logits_NV, targets_N, scale=1.0 / targets_N.size)
+  return jnp.mean(lse_N - target_N), (x_ND, w_VD, r_N, e_NV)
 
 
-def _fused_mean_bwd(dlogits_BTV, g):
-  # g is the constant 1 when the loss is differentiated as it is (the train step): XLA then
-  # drops this multiply (measured on GPU in this form). Any other g (a scaled loss) costs one
-  # more pass over d(logits), and is rounded to their dtype.
-  return dlogits_BTV * g.astype(dlogits_BTV.dtype), None
+def _head_loss_bwd(residuals, g):
+  x_ND, w_VD, r_N, e_NV = residuals
+  r_N1 = (r_N * g)[:, None]
+  # e's values reach exp(kernels.DEFER_LIMIT) x the vocabulary size: e @ w leaves the matmul in
+  # float32 and is rounded once, after the scale.
+  dx_ND = (jnp.dot(e_NV, w_VD, preferred_element_type=jnp.float32) * r_N1).astype(x_ND.dtype)
+  dw_VD = jnp.dot(e_NV.T, (x_ND * r_N1).astype(x_ND.dtype))
+  return dx_ND, dw_VD.astype(w_VD.dtype), None
 
 
-_fused_mean_cross_entropy.defvjp(_fused_mean_fwd, _fused_mean_bwd)
+head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
+
+
+def train_loss(model, params, inputs_BT, targets_BT, *, rng=None):
+  """The training loss, the mean next-token cross-entropy: on one GPU the tied output head and the
+  loss as head_loss, elsewhere mean_cross_entropy of the model's logits."""
+  if not kernels.enabled():
+    return mean_cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT)
+  x_BTD = model.apply({"params": params}, inputs_BT, deterministic=rng is None,
+                      rngs=None if rng is None else {"dropout": rng}, head=False)
+  w_VD = params["wte"]["embedding"].astype(x_BTD.dtype)
+  return head_loss(x_BTD.reshape(-1, x_BTD.shape[-1]), w_VD, targets_BT.reshape(-1))
 
 
 def logits(model, params, inputs_BT, *, rng=None):
@@ -134,7 +152,7 @@ def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
     dropout_rng = jax.random.fold_in(rng, state.step) if stochastic else None
 
     def loss_fn(params):
-      return mean_cross_entropy(logits(model, params, inputs, rng=dropout_rng), targets)
+      return train_loss(model, params, inputs, targets, rng=dropout_rng)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.tree.norm(grads)

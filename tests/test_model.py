@@ -213,7 +213,8 @@ def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkey
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_model_with_the_gpu_kernels_matches_xla(dtype, monkeypatch):
   # The whole model and the training loss through gptjax.kernels (LayerNorm, the GELU backward and
-  # the fused loss, in Pallas' interpreter) against XLA's versions: same loss, same gradients.
+  # the output head with the loss, in Pallas' interpreter) against XLA's versions: same loss, same
+  # gradients.
   # d_model 48 and d_ff 96 leave columns of every kernel's blocks masked.
   config = dataclasses.replace(SMALL, d_model=48, d_ff=96, dtype=dtype)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
@@ -222,7 +223,7 @@ def test_model_with_the_gpu_kernels_matches_xla(dtype, monkeypatch):
 
   def loss_and_grads(pallas):
     monkeypatch.setattr(kernels, "enabled", lambda: pallas)
-    loss = lambda p: step.mean_cross_entropy(step.logits(model, p, tokens[:, :-1]), tokens[:, 1:])
+    loss = lambda p: step.train_loss(model, p, tokens[:, :-1], tokens[:, 1:])
     return jax.value_and_grad(loss)(params)
 
   (xla_loss, xla_grads), (loss, grads) = loss_and_grads(False), loss_and_grads(True)
@@ -332,6 +333,8 @@ def test_gpu_kernels_lower_to_triton_for_cuda(monkeypatch):
   assert triton_calls(lambda x, s, b: ln_grads(x, s, b, True), x, v, v) == 2   # forward, backward
   assert triton_calls(lambda x, s, b: ln_grads(x, s, b, False), x, v, v) == 2
   assert triton_calls(lambda h, b, d: jax.vjp(model_lib.bias_gelu, h, b)[1](d), h, b, h) == 1
-  assert triton_calls(jax.value_and_grad(step.mean_cross_entropy), logits, targets) == 1
+  x_ND, w_VD, targets_N = S((32768, 768), jnp.bfloat16), S((50304, 768), jnp.bfloat16), S(
+      (32768,), jnp.int32)
+  assert triton_calls(jax.value_and_grad(step.head_loss, (0, 1)), x_ND, w_VD, targets_N) == 1
   assert triton_calls(jax.value_and_grad(lambda x, t: jnp.sum(step.cross_entropy(x, t))),
                       logits, targets) == 2   # evaluation's logsumexp, and its gradient
