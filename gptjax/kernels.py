@@ -133,8 +133,8 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
 
 
 # The deferred loss kernel's e = exp(logits - c) takes for c the row's first block max; a later
-# block whose max exceeds it by more than this (natural-log units) has the row redone with c = its
-# max, so that e and its row sums stay well within bfloat16's and float32's range.
+# block whose max exceeds it by more than this (natural-log units) has the row redone with c = the
+# row's max, so that e and its row sums stay well within bfloat16's and float32's range.
 DEFER_LIMIT = 32.0
 
 
@@ -145,7 +145,8 @@ def _deferred_kernel(x_ref, target_ref, e_ref, lse_ref, target_logit_ref, r_ref,
   target = target_ref[...]
   # The target's logit, read before its block is written over.
   tcol = target + jnp.arange(1)
-  t = jnp.sum(plgpu.load(x_ref.at[tcol], mask=tcol < n_col, other=0.0).astype(jnp.float32))
+  t = jnp.sum(plgpu.load(x_ref.at[tcol], mask=(tcol >= 0) & (tcol < n_col),
+                         other=0.0).astype(jnp.float32))
 
   def load(ref, i):
     col = i * block + jnp.arange(block)

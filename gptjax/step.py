@@ -86,12 +86,13 @@ def mean_cross_entropy(logits_BTV, targets_BT):
 def head_loss(x_ND, w_VD, targets_N):
   """The mean cross-entropy of the logits x_ND @ w_VD.T (the tied output head) against targets_N,
   on one GPU: the logits' one read and one write in kernels.softmax_cross_entropy_deferred, which
-  leaves the softmax's per-row normalization r to the head's backward matmuls:
+  leaves the softmax's per-row normalization r to the head's backward matmuls (g the loss's
+  cotangent, 1 in the train step):
 
-      d(logits) = r[:, None] * e,   d(x) = r[:, None] * (e @ w),   d(w) = e.T @ (r[:, None] * x).
+      d(logits) = g r[:, None] e,   d(x) = g r[:, None] (e @ w),   d(w) = e.T @ (g r[:, None] x).
 
-  The logits are written over by e in the forward pass, whether or not the caller
-  differentiates: to evaluate, take token_losses."""
+  The forward pass always computes e, the gradient's main part, differentiated or not: to
+  evaluate, take token_losses."""
   return _head_loss_fwd(x_ND, w_VD, targets_N)[0]
 
 
@@ -105,8 +106,7 @@ def _head_loss_fwd(x_ND, w_VD, targets_N):
 def _head_loss_bwd(residuals, g):
   x_ND, w_VD, r_N, e_NV = residuals
   r_N1 = (r_N * g)[:, None]
-  # e's values reach exp(kernels.DEFER_LIMIT) x the vocabulary size: e @ w leaves the matmul in
-  # float32 and is rounded once, after the scale.
+  # e @ w leaves the matmul in float32 and is rounded once, after the scale.
   dx_ND = (jnp.dot(e_NV, w_VD, preferred_element_type=jnp.float32) * r_N1).astype(x_ND.dtype)
   dw_VD = jnp.dot(e_NV.T, (x_ND * r_N1).astype(x_ND.dtype))
   return dx_ND, dw_VD.astype(w_VD.dtype), None

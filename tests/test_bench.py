@@ -54,8 +54,8 @@ def test_head_loss_matches_optax(dtype, monkeypatch):
   x = jax.random.normal(kx, (15, 24)).at[1, 0].set(10.0).at[2, 1:3].set(10.0)
   w = 0.3 * jax.random.normal(kw, (2125, 24))
   # Rows whose later blocks exceed the first block's max by more than DEFER_LIMIT, so that the
-  # kernel redoes them: row 1 from its third block (its target's), row 2 from its second, its
-  # target in a block that then comes after a farther one.
+  # kernel redoes them: row 1 from its third block, its target in the fourth; row 2 from its
+  # second block, which holds its target, with blocks of still larger logits after it.
   w = w.at[1500:1800, 0].set(6.0).at[600:1000, 1].set(4.0).at[1900:, 2].set(9.0)
   x, w = x.astype(dtype), w.astype(dtype)
   targets = jax.random.randint(kt, (15,), 0, 2125).at[1].set(1700).at[2].set(900)

@@ -215,15 +215,19 @@ def test_model_with_the_gpu_kernels_matches_xla(dtype, monkeypatch):
   # The whole model and the training loss through gptjax.kernels (LayerNorm, the GELU backward and
   # the output head with the loss, in Pallas' interpreter) against XLA's versions: same loss, same
   # gradients.
-  # d_model 48 and d_ff 96 leave columns of every kernel's blocks masked.
-  config = dataclasses.replace(SMALL, d_model=48, d_ff=96, dtype=dtype)
+  # d_model 48 and d_ff 96 leave columns of every kernel's blocks masked; the loss kernel takes
+  # each row of 256 logits in 4 blocks. With dropout (the same masks on both paths, from the same
+  # rng) and a scaled loss (a cotangent other than 1).
+  monkeypatch.setattr(kernels, "DEFER_BLOCK", 64)
+  config = dataclasses.replace(SMALL, d_model=48, d_ff=96, dtype=dtype, dropout=0.1)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
   model = GPT(config)
   params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
 
   def loss_and_grads(pallas):
     monkeypatch.setattr(kernels, "enabled", lambda: pallas)
-    loss = lambda p: step.train_loss(model, p, tokens[:, :-1], tokens[:, 1:])
+    loss = lambda p: 0.3 * step.train_loss(model, p, tokens[:, :-1], tokens[:, 1:],
+                                           rng=jax.random.key(2))
     return jax.value_and_grad(loss)(params)
 
   (xla_loss, xla_grads), (loss, grads) = loss_and_grads(False), loss_and_grads(True)
