@@ -87,9 +87,10 @@ def main(argv=None):
                           if args.sweep else [])
   for block, warps in settings:
     name = "deferred" + ("" if (block, warps) == default else f", block {block}, {warps} warps")
-    f = lambda x: kernels.softmax_cross_entropy_deferred(x, t, scale)[3]
+    call = lambda x: kernels.softmax_cross_entropy_deferred(x, t, scale)
+    f = lambda x: call(x)[3]
     with mock.patch.multiple(kernels, DEFER_BLOCK=block, DEFER_WARPS=warps):
-      _, _, r, e = jax.jit(lambda x: kernels.softmax_cross_entropy_deferred(x, t, scale))(x)
+      _, _, r, e = jax.jit(call)(x)
       err = float(jnp.max(jnp.abs(r[:, None] * e.astype(jnp.float32) - d_mean_ref)))
       ms, _ = time_ms(f, e, n=args.calls, donate=True)
     results[name] = (ms, err)

@@ -59,11 +59,6 @@ def _online_logsumexp(m, s, x):
   return m_new, s * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift))
 
 
-def _softmax_grad_block(x, col, target, lse, g):
-  """(softmax - onehot(target)) * g over one block of a row's columns `col`, in float32."""
-  return (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * g
-
-
 def _per_row_call(kernel, out_shape, warps: int, name: str, **params):
   """pallas_call of a kernel that sees one row of its arrays (its refs: that row's slices),
   vmapped over the rows: one Triton program per row."""
@@ -73,40 +68,21 @@ def _per_row_call(kernel, out_shape, warps: int, name: str, **params):
       interpret=_interpret(), name=name, **params))
 
 
-def _row_logsumexp(x_ref, block: int, target=None):
-  """One streamed pass over a row in blocks: its logsumexp (float32) and, given the target's
-  column, the target's logit."""
-  n_col = x_ref.shape[0]
-
-  def body(i, carry):
-    col = i * block + jnp.arange(block)
-    x = plgpu.load(x_ref.at[col], mask=col < n_col, other=-jnp.inf).astype(jnp.float32)
-    m_s = _online_logsumexp(*carry[:2], x)
-    return m_s if target is None else (*m_s, carry[2] + jnp.sum(jnp.where(col == target, x, 0.0)))
-
-  zero = jnp.float32(0)
-  init = (jnp.float32(-jnp.inf), zero) + (() if target is None else (zero,))
-  m, s, *t = lax.fori_loop(0, pl.cdiv(n_col, block), body, init)
-  return m + jnp.log(s), *t
-
-
-def _write_softmax_grad(x_ref, out_ref, target, lse, g, block: int, backwards: bool = False):
-  """One streamed pass over a row in blocks, writing (softmax - onehot(target)) * g; `backwards`
-  from its last block to its first."""
-  n_col = x_ref.shape[0]
-  n_block = pl.cdiv(n_col, block)
-
-  @pl.loop(0, n_block)
-  def _(i):
-    col = ((n_block - 1 - i) if backwards else i) * block + jnp.arange(block)
-    mask = col < n_col
-    x = plgpu.load(x_ref.at[col], mask=mask, other=0.0).astype(jnp.float32)
-    d = _softmax_grad_block(x, col, target, lse, g)
-    plgpu.store(out_ref.at[col], d.astype(out_ref.dtype), mask=mask)
+def _load_block(ref, i, block: int, other=-jnp.inf):
+  """Block i of a row (its columns, their in-bounds mask, the values in float32; `other` past
+  the row's end)."""
+  col = i * block + jnp.arange(block)
+  mask = col < ref.shape[0]
+  return col, mask, plgpu.load(ref.at[col], mask=mask, other=other).astype(jnp.float32)
 
 
 def _logsumexp_kernel(x_ref, out_ref, *, block: int):
-  out_ref[...] = _row_logsumexp(x_ref, block)[0]
+  def body(i, carry):
+    return _online_logsumexp(*carry, _load_block(x_ref, i, block)[2])
+
+  m, s = lax.fori_loop(0, pl.cdiv(x_ref.shape[0], block), body,
+                       (jnp.float32(-jnp.inf), jnp.float32(0)))
+  out_ref[...] = m + jnp.log(s)
 
 
 def logsumexp(x):
@@ -117,7 +93,13 @@ def logsumexp(x):
 
 
 def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: int):
-  _write_softmax_grad(x_ref, out_ref, target_ref[...], lse_ref[...], g_ref[...], block)
+  target, lse, g = target_ref[...], lse_ref[...], g_ref[...]
+
+  @pl.loop(0, pl.cdiv(x_ref.shape[0], block))
+  def _(i):
+    col, mask, x = _load_block(x_ref, i, block, other=0.0)
+    d = (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * g
+    plgpu.store(out_ref.at[col], d.astype(out_ref.dtype), mask=mask)
 
 
 def softmax_cross_entropy_grad(logits, targets, lse, g):
@@ -138,20 +120,14 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
 DEFER_LIMIT = 32.0
 
 
-def _deferred_kernel(x_ref, target_ref, e_ref, lse_ref, target_logit_ref, r_ref, *, block: int,
-                     scale: float):
+def _deferred_kernel(x_ref, target_ref, e_ref, lse_ref, target_logit_ref, sum_ref, *, block: int):
   n_col = x_ref.shape[0]
   n_block = pl.cdiv(n_col, block)
-  target = target_ref[...]
   # The target's logit, read before its block is written over.
-  tcol = target + jnp.arange(1)
+  tcol = target_ref[...] + jnp.arange(1)
   t = jnp.sum(plgpu.load(x_ref.at[tcol], mask=(tcol >= 0) & (tcol < n_col),
                          other=0.0).astype(jnp.float32))
-
-  def load(ref, i):
-    col = i * block + jnp.arange(block)
-    mask = col < n_col
-    return col, mask, plgpu.load(ref.at[col], mask=mask, other=-jnp.inf).astype(jnp.float32)
+  load = functools.partial(_load_block, block=block)
 
   _, _, x = load(x_ref, 0)
   c = jnp.max(x)
@@ -191,7 +167,7 @@ def _deferred_kernel(x_ref, target_ref, e_ref, lse_ref, target_logit_ref, r_ref,
   s = lax.fori_loop(first_far, n_block, tail, s * factor)
   lse_ref[...] = c_new + jnp.log(s)
   target_logit_ref[...] = t
-  r_ref[...] = scale / s
+  sum_ref[...] = s
 
 
 def softmax_cross_entropy_deferred(logits, targets, scale: float):
@@ -213,18 +189,16 @@ def softmax_cross_entropy_deferred(logits, targets, scale: float):
   a store of that one column inside the kernel would be a mask varying within a block, which
   makes Triton's stores scalar (2.6x slower), or a second store to the same address by another
   thread."""
-  call = _per_row_call(
-      functools.partial(_deferred_kernel, block=DEFER_BLOCK, scale=scale),
-      (jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype),
-       jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
-       jax.ShapeDtypeStruct((), jnp.float32)),
-      DEFER_WARPS, "softmax_cross_entropy_deferred", input_output_aliases={0: 0})
-  e, lse, target_logit, r = call(logits, targets)
+  f32 = jax.ShapeDtypeStruct((), jnp.float32)
+  call = _per_row_call(functools.partial(_deferred_kernel, block=DEFER_BLOCK),
+                       (jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), f32, f32, f32),
+                       DEFER_WARPS, "softmax_cross_entropy_deferred", input_output_aliases={0: 0})
+  e, lse, target_logit, row_sum = call(logits, targets)   # row_sum = sum(exp(logits - c))
   # exp(t - c) - sum(exp(logits - c)) = (exp(t - lse) - 1) * sum(exp(logits - c)), in float32.
-  at_target = (jnp.exp(target_logit - lse) - 1.0) * (scale / r)
+  at_target = (jnp.exp(target_logit - lse) - 1.0) * row_sum
   e = e.at[jnp.arange(e.shape[0]), targets].set(at_target.astype(e.dtype),
                                                  indices_are_sorted=True, unique_indices=True)
-  return lse, target_logit, r, e
+  return lse, target_logit, scale / row_sum, e
 
 
 def _columns(d: int):

@@ -314,9 +314,9 @@ class GPT(nn.Module):
                logits_dtype=jnp.float32, head: bool = True):
     """Logits (B, T, vocab_size) in `logits_dtype`. With `decode`, `tokens_BT` continue the
     sequences held in the mutable 'cache' collection (see init_cache) at its next free position,
-    as Flax lm1b decodes. Without `head`, the output head's input (B, T, d_model) in the compute
-    dtype: the final LayerNorm's output, for a loss that applies the tied head itself
-    (gptjax.step.head_loss)."""
+    as Flax lm1b decodes. Without `head`, the tied output head's input and weight instead, both in
+    the compute dtype: the final LayerNorm's output (B, T, d_model) and the token embedding
+    (vocab_size, d_model), for a loss that applies the head itself (gptjax.step.head_loss)."""
     cfg = self.config
     T = tokens_BT.shape[1]
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init(0.02), name="wte")
@@ -333,10 +333,11 @@ class GPT(nn.Module):
     for i in range(cfg.num_layers):
       x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
     x_BTD = LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
-    if not head:
-      return x_BTD
     # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
-    logits_BTV = x_BTD @ wte.embedding.astype(cfg.dtype).T
+    w_VD = wte.embedding.astype(cfg.dtype)
+    if not head:
+      return x_BTD, w_VD
+    logits_BTV = x_BTD @ w_VD.T
     return logits_BTV.astype(logits_dtype)
 
 

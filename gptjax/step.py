@@ -120,9 +120,8 @@ def train_loss(model, params, inputs_BT, targets_BT, *, rng=None):
   loss as head_loss, elsewhere mean_cross_entropy of the model's logits."""
   if not kernels.enabled():
     return mean_cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT)
-  x_BTD = model.apply({"params": params}, inputs_BT, deterministic=rng is None,
-                      rngs=None if rng is None else {"dropout": rng}, head=False)
-  w_VD = params["wte"]["embedding"].astype(x_BTD.dtype)
+  x_BTD, w_VD = model.apply({"params": params}, inputs_BT, deterministic=rng is None,
+                             rngs=None if rng is None else {"dropout": rng}, head=False)
   return head_loss(x_BTD.reshape(-1, x_BTD.shape[-1]), w_VD, targets_BT.reshape(-1))
 
 
