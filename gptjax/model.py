@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import kernels, xla_flags
+from gptjax import cublaslt, kernels, xla_flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,50 @@ class DenseGELU(_Dense):
     # The bias add's own autodiff: XLA fuses its gradient into gelu's backward pass (reduced
     # inside a custom VJP, XLA made it a separate pass, 2x slower: bench/PERF_LOG.md).
     return gelu(h_NF + bias)
+
+
+class DenseParams(_Dense):
+  """nn.Dense's parameters alone ('kernel', 'bias'), in the compute dtype, for a caller that
+  applies them itself (gelu_mlp)."""
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+
+
+@jax.custom_vjp
+def gelu_mlp(x_NK, w1_KF, b1_F, w2_FD):
+  """gelu(x @ w1 + b1) @ w2 on rows, whose backward pass takes d(gelu's input) and b1's gradient
+  from one matmul: gptjax.cublaslt.dgelu_bgrad, cuBLASLt's DGELU_BGRAD epilogue reading the
+  pre-activation that the forward matmul's BIAS_GELU_AUX epilogue saved. (Elsewhere the same
+  arithmetic in XLA, dgelu_bgrad_reference.) The forward pass is DenseGELU's."""
+  return _gelu_mlp_fwd(x_NK, w1_KF, b1_F, w2_FD)[0]
+
+
+def _gelu_mlp_fwd(x_NK, w1_KF, b1_F, w2_FD):
+  pre_NF = x_NK @ w1_KF + b1_F
+  h_NF = _gelu_form(pre_NF)
+  return h_NF @ w2_FD, (x_NK, w1_KF, b1_F, pre_NF, h_NF, w2_FD)
+
+
+def _gelu_mlp_bwd(saved, dy_ND):
+  x_NK, w1_KF, b1_F, pre_NF, h_NF, w2_FD = saved
+  fused = cublaslt.available() and pre_NF.dtype == jnp.bfloat16
+  dgelu_bgrad = cublaslt.dgelu_bgrad if fused else cublaslt.dgelu_bgrad_reference
+  d_pre_NF, d_b1_F = dgelu_bgrad(dy_ND.astype(pre_NF.dtype), w2_FD.T, pre_NF)
+  return (d_pre_NF @ w1_KF.T, x_NK.T @ d_pre_NF, d_b1_F.astype(b1_F.dtype),
+          h_NF.T @ dy_ND.astype(h_NF.dtype))
+
+
+gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
+
+
+def fused_mlp_backward(dtype) -> bool:
+  """Whether MLP runs as gelu_mlp with cuBLASLt's epilogue: on one GPU (kernels.enabled), bf16
+  compute, the extension built (gptjax.cublaslt.available)."""
+  return kernels.enabled() and jnp.dtype(dtype) == jnp.bfloat16 and cublaslt.available()
 
 
 class LayerNorm(nn.LayerNorm):
@@ -280,9 +324,16 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_ND, *, deterministic: bool):   # rows (B*T, D) in and out
     cfg = self.config
-    h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(x_ND)
-    y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj",
-                    kernel_init=_init(0.02 / math.sqrt(2 * cfg.num_layers)))(h_NF)
+    fc_init, proj_init = _init(0.02), _init(0.02 / math.sqrt(2 * cfg.num_layers))
+    if fused_mlp_backward(cfg.dtype):
+      w1_KF, b1_F = DenseParams(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(
+          x_ND.shape[-1])
+      w2_FD, b2_D = DenseParams(cfg.d_model, dtype=cfg.dtype, kernel_init=proj_init,
+                                name="proj")(cfg.d_ff)
+      y_ND = gelu_mlp(x_ND.astype(cfg.dtype), w1_KF, b1_F, w2_FD) + b2_D
+    else:
+      h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(x_ND)
+      y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=proj_init)(h_NF)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)
 
 

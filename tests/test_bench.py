@@ -267,3 +267,15 @@ def test_loss_kernel_benchmark_script_agrees_with_xla():
   # d(logits) is written in bf16: off from the float32 reference by at most its rounding.
   assert results["d(logits), XLA"][1] < 1e-2 and results["d(logits), Pallas"][1] < 1e-2
   assert results["deferred"][1] < 1e-2 / 8   # d(mean loss): the gradient over 8 rows
+
+
+def test_mlp_backward_benchmark_script_agrees_with_float32():
+  path = os.path.join(REPO, "bench", "mlp_backward.py")
+  spec = importlib.util.spec_from_file_location("mlp_backward", path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  results = script.main(["--rows", "40", "--d", "48", "--ff", "96", "--calls", "1"])
+  # Without a GPU: XLA's matmul alone (another result) and with the GELU backward, in bf16.
+  assert set(results) == {"matmul alone (XLA; its difference: not the same result)",
+                          "matmul + GELU backward, XLA"}
+  assert results["matmul + GELU backward, XLA"][1] < 0.01

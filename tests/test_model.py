@@ -55,6 +55,45 @@ def test_bias_gelu_and_its_gradients_match_jax(monkeypatch):
   assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_mlp_and_its_gradients_match_jax(dtype):
+  # gelu(x @ w1 + b1) @ w2 with its own backward pass: d(pre) and b1's gradient from
+  # gptjax.cublaslt (here, without a GPU, its reference arithmetic in XLA).
+  k = jax.random.split(jax.random.key(0), 5)
+  x, w1, b1, w2 = (s * jax.random.normal(key, shape) for key, shape, s in zip(
+      k, [(13, 48), (48, 96), (96,), (96, 48)], [1.0, 0.3, 1.0, 0.3]))
+  w_out = jax.random.normal(k[4], (13, 48))
+  ref = lambda *a: jnp.sum(jax.nn.gelu(a[0] @ a[1] + a[2], approximate=True) @ a[3] * w_out)
+  ours = lambda *a: jnp.sum((model_lib.gelu_mlp(*a) * w_out).astype(jnp.float32))
+  args = [a.astype(dtype) for a in (x, w1, b1, w2)]
+  got, want = jax.grad(ours, (0, 1, 2, 3))(*args), jax.grad(ref, (0, 1, 2, 3))(x, w1, b1, w2)
+  assert model_lib.gelu_mlp(*args).dtype == dtype and [g.dtype for g in got] == [dtype] * 4
+  for g, r in zip(got, want):   # bf16: each gradient within its rounding, relative to its norm
+    tol = 1e-5 if dtype == jnp.float32 else 0.02
+    assert float(jnp.linalg.norm(g.astype(jnp.float32) - r)) <= tol * float(jnp.linalg.norm(r))
+
+
+def test_model_with_the_fused_mlp_backward_matches_the_default(monkeypatch):
+  # On one GPU with gptjax.cublaslt built, MLP runs as gelu_mlp, its parameters declared by
+  # DenseParams: the same names, shapes and initial values as DenseGELU's and nn.Dense's, the
+  # same loss and gradients (biases made nonzero).
+  config = dataclasses.replace(SMALL, d_model=48, d_ff=96)
+  tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+
+  def init_loss_grads(fused):
+    monkeypatch.setattr(model_lib, "fused_mlp_backward", lambda dtype: fused)
+    params = GPT(config).init(jax.random.key(0), tokens[:, :-1])["params"]
+    moved = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+    loss = lambda p: step.train_loss(GPT(config), p, tokens[:, :-1], tokens[:, 1:])
+    return params, *jax.value_and_grad(loss)(moved)
+
+  (params, loss, grads), (d_params, d_loss, d_grads) = init_loss_grads(True), init_loss_grads(False)
+  jax.tree.map(np.testing.assert_array_equal, params, d_params)
+  np.testing.assert_allclose(loss, d_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, d_grads)
+  assert np.all(grads["block_0"]["mlp"]["fc"]["bias"])
+
+
 def _expression(fn, x):
   """fn's jaxpr on x as one nested expression, e.g. mul(x, add(1.0, x))."""
   jaxpr = jax.make_jaxpr(fn)(x).jaxpr

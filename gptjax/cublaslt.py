@@ -1,0 +1,150 @@
+"""cuBLASLt's DGELU_BGRAD matmul epilogue as a JAX op, for the MLP's backward pass on one GPU.
+
+d_pre = (dy @ w) * gelu'(pre) and d_bias = d_pre summed over rows, in one cuBLASLt matmul whose
+epilogue reads the saved pre-activation: XLA has no such epilogue, and without it d(h) = dy @ w
+is written out and read back by a separate GELU-backward pass (bench/PERF_LOG.md, item 44).
+
+The op is an XLA FFI custom call (gptjax/csrc/dgelu_bgrad.cc), compiled with the host's C++
+compiler against JAX's FFI headers and linked to the libcublasLt that JAX's CUDA wheels install,
+the first time a process asks for it, and cached (GPTJAX_CACHE_DIR, else ~/.cache/gptjax). Where that fails (no
+compiler, no libcublasLt, no GPU) `available()` is False, says why once in the log, and the model
+keeps its Pallas path; GPTJAX_CUBLASLT=0 turns it off. `dgelu_bgrad_reference` is the same
+arithmetic in XLA, for tests and for any platform.
+"""
+import ctypes
+import functools
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import kernels
+
+TARGET = "gptjax_dgelu_bgrad"
+WORKSPACE_BYTES = 32 << 20   # cuBLASLt's recommended workspace on Hopper
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "dgelu_bgrad.cc")
+log = logging.getLogger(__name__)
+
+
+def _cublaslt_library():
+  """The libcublasLt to link: the file this process has loaded (JAX's GPU backend loads it), else
+  one from JAX's nvidia wheels or a CUDA toolkit; None if there is none."""
+  try:
+    with open("/proc/self/maps") as f:
+      loaded = next((line.split()[-1] for line in f if "libcublasLt.so" in line), None)
+    if loaded:
+      return loaded
+  except OSError:
+    pass
+  roots = [os.path.join(p, "nvidia") for p in sys.path if os.path.isdir(os.path.join(p, "nvidia"))]
+  found = sorted(lib for r in roots
+                 for lib in glob.glob(os.path.join(r, "**", "libcublasLt.so.*"), recursive=True))
+  found += sorted(glob.glob("/usr/local/cuda*/lib64/libcublasLt.so.*"))
+  return found[0] if found else None
+
+
+def compile_command(cxx: str, output: str, lib=None) -> list:
+  """The compiler's command line: the source against JAX's FFI headers (no CUDA headers: the
+  source declares the cuBLASLt functions it calls), linked to `lib` when given."""
+  cmd = [cxx, _SOURCE, "-o", output, "-O2", "-std=c++17", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
+  if lib is None:
+    return cmd + ["-c"]
+  return cmd + ["-shared", "-L", os.path.dirname(lib), "-l:" + os.path.basename(lib),
+                "-Wl,-rpath," + os.path.dirname(lib)]
+
+
+def _build() -> str:
+  """Path of the compiled library, built if not cached; raises RuntimeError saying what is missing."""
+  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not cxx:
+    raise RuntimeError("no C++ compiler (set CXX or install g++)")
+  lib = _cublaslt_library()
+  if not lib:
+    raise RuntimeError("no libcublasLt (JAX's CUDA wheels install it: nvidia-cublas-*)")
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  cmd = compile_command(cxx, "OUT", lib)
+  digest = hashlib.sha256(source + repr((cmd, jax.__version__)).encode()).hexdigest()[:16]
+  cache = os.environ.get("GPTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gptjax")
+  path = os.path.join(cache, f"dgelu_bgrad-{digest}.so")
+  if not os.path.exists(path):
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    done = subprocess.run(compile_command(cxx, tmp, lib), capture_output=True, text=True)
+    if done.returncode:
+      os.unlink(tmp)
+      raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
+    os.replace(tmp, path)   # whole or not at all, for processes building side by side
+  return path
+
+
+def _works() -> bool:
+  """Whether the op runs and agrees with dgelu_bgrad_reference on a small problem."""
+  k = jax.random.split(jax.random.key(0), 3)
+  dy, w, pre = (jax.random.normal(key, shape).astype(jnp.bfloat16)
+                for key, shape in zip(k, [(256, 64), (64, 128), (256, 128)]))
+  try:
+    got = jax.block_until_ready(jax.jit(dgelu_bgrad)(dy, w, pre))
+  except Exception as e:  # noqa: BLE001  (cuBLASLt's refusal arrives as a runtime error)
+    log.warning("gptjax: cuBLASLt's DGELU epilogue failed (%s); the MLP's backward pass uses "
+                "the Pallas GELU kernel instead", e)
+    return False
+  want = dgelu_bgrad_reference(*(a.astype(jnp.float32) for a in (dy, w, pre)))
+  if all(bool(jnp.allclose(g.astype(jnp.float32), r, rtol=0.03, atol=0.03 * jnp.max(jnp.abs(r))))
+         for g, r in zip(got, want)):
+    return True
+  log.warning("gptjax: cuBLASLt's DGELU epilogue disagrees with XLA; the MLP's backward pass "
+              "uses the Pallas GELU kernel instead")
+  return False
+
+
+@functools.cache
+def available() -> bool:
+  """Whether dgelu_bgrad runs here: a CUDA GPU, GPTJAX_CUBLASLT not 0, the library built and
+  its result checked on a small problem."""
+  if os.environ.get("GPTJAX_CUBLASLT", "1") == "0" or jax.default_backend() != "gpu":
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(_build())
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptjaxDgeluBgrad), platform="CUDA")
+  except (RuntimeError, OSError, AttributeError) as e:
+    log.warning("gptjax: cuBLASLt's DGELU epilogue is not available (%s); the MLP's backward "
+                "pass uses the Pallas GELU kernel instead", e)
+    return False
+  with jax.ensure_compile_time_eval():   # run now, also when first asked while tracing
+    return _works()
+
+
+def dgelu_bgrad(dy_ND, w_DF, pre_NF, algo_rank: int = 0, bias_grad: bool = False):
+  """(d_pre (N, F) bf16, d_bias (F,) float32): (dy @ w) * gelu'(pre) and its column sums.
+
+  d_pre comes from one cuBLASLt matmul with the DGELU epilogue; d_bias is XLA's reduction of it
+  (available() must be True). With `bias_grad`, cuBLASLt's DGELU_BGRAD epilogue computes d_bias
+  too (in bf16, the output's type): 2.3x slower on an H100 (bench/PERF_LOG.md, item 44), kept for
+  bench/mlp_backward.py. All three inputs bf16; `algo_rank` picks the heuristic's n-th algorithm
+  (0: its first choice)."""
+  n, f = pre_NF.shape
+  call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct((n, f), pre_NF.dtype),
+                                   jax.ShapeDtypeStruct((f,), pre_NF.dtype),
+                                   jax.ShapeDtypeStruct((WORKSPACE_BYTES,), jnp.uint8)))
+  d_pre, d_bias, _ = call(dy_ND, w_DF, pre_NF, algo_rank=np.int64(algo_rank),
+                          bias_grad=np.int64(bias_grad))
+  if bias_grad:
+    return d_pre, d_bias.astype(jnp.float32)
+  return d_pre, jnp.sum(d_pre.astype(jnp.float32), axis=0)
+
+
+def dgelu_bgrad_reference(dy_ND, w_DF, pre_NF):
+  """dgelu_bgrad's arithmetic in XLA: the matmul in float32 accumulation, gelu' in float32."""
+  dh = jnp.dot(dy_ND, w_DF, preferred_element_type=jnp.float32)
+  d_pre = dh * kernels.gelu_tanh_grad(pre_NF.astype(jnp.float32))
+  return d_pre.astype(pre_NF.dtype), jnp.sum(d_pre, axis=0)
