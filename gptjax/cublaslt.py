@@ -1,15 +1,17 @@
-"""cuBLASLt's DGELU_BGRAD matmul epilogue as a JAX op, for the MLP's backward pass on one GPU.
+"""cuBLASLt's DGELU matmul epilogue as a JAX op, for the MLP's backward pass on one GPU.
 
-d_pre = (dy @ w) * gelu'(pre) and d_bias = d_pre summed over rows, in one cuBLASLt matmul whose
-epilogue reads the saved pre-activation: XLA has no such epilogue, and without it d(h) = dy @ w
-is written out and read back by a separate GELU-backward pass (bench/PERF_LOG.md, item 44).
+d_pre = (dy @ w) * gelu'(pre) in one cuBLASLt matmul whose epilogue reads the saved
+pre-activation, and d_bias = d_pre summed over rows by XLA: XLA has no such epilogue, and without
+it d(h) = dy @ w is written out and read back by a separate GELU-backward pass (bench/PERF_LOG.md,
+item 44).
 
 The op is an XLA FFI custom call (gptjax/csrc/dgelu_bgrad.cc), compiled with the host's C++
 compiler against JAX's FFI headers and linked to the libcublasLt that JAX's CUDA wheels install,
-the first time a process asks for it, and cached (GPTJAX_CACHE_DIR, else ~/.cache/gptjax). Where that fails (no
-compiler, no libcublasLt, no GPU) `available()` is False, says why once in the log, and the model
-keeps its Pallas path; GPTJAX_CUBLASLT=0 turns it off. `dgelu_bgrad_reference` is the same
-arithmetic in XLA, for tests and for any platform.
+the first time a process asks for it, and cached (GPTJAX_CACHE_DIR, else ~/.cache/gptjax). Where
+that fails (no compiler, no libcublasLt, no GPU, a result that disagrees with XLA on a small
+check) `available()` is False, the log says why, and the model keeps its Pallas GELU kernel;
+GPTJAX_CUBLASLT=0 turns it off. `dgelu_bgrad_reference` is the same arithmetic in XLA, for tests
+and for any platform.
 """
 import ctypes
 import functools

@@ -1,13 +1,14 @@
-// The MLP's backward matmul with cuBLASLt's DGELU_BGRAD epilogue, as an XLA FFI custom call.
+// The MLP's backward matmul with cuBLASLt's DGELU epilogue, as an XLA FFI custom call:
 //
-//   d_pre = (dy @ w) * gelu'(pre)       (N, F), bf16: gelu is the tanh approximation
-//   d_bias = sum over rows of d_pre     (F,),   float32 or bf16 (the result buffer's type; which
-//                                                one cuBLASLt supports, gptjax/cublaslt.py finds out)
+//   d_pre = (dy @ w) * gelu'(pre)       (N, F), bf16; gelu is the tanh approximation
 //
 // dy (N, D), w (D, F) and pre (N, F) are row-major bf16. XLA has no such epilogue: without it
-// d(h) = dy @ w is written, then read again with pre by a separate GELU-backward pass.
-// (cuBLASLt 13.0 refuses this epilogue for a transposed A, so w comes as (D, F), not as the
-// (F, D) weight of the forward matmul.)
+// d(h) = dy @ w is written, then read again with pre by a separate GELU-backward pass. With the
+// attribute bias_grad = 1 the epilogue is DGELU_BGRAD and d_bias (F,) = d_pre summed over rows is
+// written too, in bf16; on an H100 it is 2.3x slower than DGELU with XLA's reduction
+// (bench/PERF_LOG.md, item 44), so gptjax/cublaslt.py uses it only in bench/mlp_backward.py.
+// The layout is apex's (A = w untransposed): a first form with A transposed, the aux data type
+// set and a float32 bias gradient got CUBLAS_STATUS_INVALID_VALUE from cuBLASLt 13.
 // Built and registered by gptjax/cublaslt.py; the workspace is a third result that the caller
 // drops, so XLA allocates it and the call stays capturable in a CUDA graph.
 #include <cstddef>
@@ -100,53 +101,52 @@ struct Descriptors {
   }
 };
 
+// One cuBLASLt matmul, column-major as cuBLAS sees row-major buffers: D (m x n) = op(A) . op(B),
+// with an epilogue, its bias-gradient output (bf16, m long) and its aux input (m x n, ld m).
+struct Matmul {
+  int64_t m, n, k;
+  int32_t trans_a, trans_b;
+  uint32_t epilogue;
+  const void *a, *b;
+  void* d;
+  void* bias = nullptr;
+  const void* aux = nullptr;
+
+  auto Key() const { return std::make_tuple(m, n, k, trans_a, trans_b, epilogue); }
+};
+
 std::mutex mutex;
 cublasLtHandle_t handle = nullptr;
-// The heuristic's algorithm per (n, d, f, bias type, workspace, rank), chosen once.
-std::map<std::tuple<int64_t, int64_t, int64_t, int, int64_t, int64_t>, cublasLtMatmulAlgo_t> algos;
+// The heuristic's algorithm per problem, workspace size and rank, chosen once.
+std::map<std::tuple<std::tuple<int64_t, int64_t, int64_t, int32_t, int32_t, uint32_t>, int64_t, int64_t>,
+         cublasLtMatmulAlgo_t> algos;
 
-ffi::Error DgeluBgrad(cudaStream_t stream, ffi::Buffer<ffi::BF16> dy, ffi::Buffer<ffi::BF16> w,
-                      ffi::Buffer<ffi::BF16> pre, ffi::ResultBuffer<ffi::BF16> d_pre,
-                      ffi::Result<ffi::AnyBuffer> d_bias, ffi::ResultBuffer<ffi::U8> workspace,
-                      int64_t algo_rank, int64_t bias_grad) {
-  auto dy_dims = dy.dimensions(), w_dims = w.dimensions(), pre_dims = pre.dimensions();
-  if (dy_dims.size() != 2 || w_dims.size() != 2 || pre_dims.size() != 2)
-    return ffi::Error::InvalidArgument("dgelu_bgrad: dy, w and pre must be 2-D");
-  const int64_t n = dy_dims[0], d = dy_dims[1], f = w_dims[1];
-  if (w_dims[0] != d || pre_dims[0] != n || pre_dims[1] != f)
-    return ffi::Error::InvalidArgument("dgelu_bgrad: shapes must be dy (N, D), w (D, F), pre (N, F)");
-  int32_t bias_type;
-  if (d_bias->element_type() == ffi::DataType::F32) bias_type = CUDA_R_32F;
-  else if (d_bias->element_type() == ffi::DataType::BF16) bias_type = CUDA_R_16BF;
-  else return ffi::Error::InvalidArgument("dgelu_bgrad: d_bias must be float32 or bfloat16");
+ffi::Error Run(cudaStream_t stream, const Matmul& mm, ffi::ResultBuffer<ffi::U8>& workspace,
+               int64_t algo_rank) {
   const int64_t workspace_bytes = static_cast<int64_t>(workspace->size_bytes());
-
   std::lock_guard<std::mutex> lock(mutex);
   if (handle == nullptr) GPTJAX_CUBLAS(cublasLtCreate(&handle));
-
-  // Column-major, as cuBLAS sees the row-major buffers: D (F x N) = A (F x D) . B (D x N), with
-  // A = w read as (F x D), B = dy read as (D x N), aux = pre read as (F x N).
   Descriptors desc;
   GPTJAX_CUBLAS(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const int32_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N;
-  const uint32_t epilogue = bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
-  void* bias_ptr = d_bias->untyped_data();
-  const void* aux_ptr = pre.untyped_data();
-  const int64_t aux_ld = f;
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-  if (bias_grad) {
-    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &mm.trans_a, sizeof(mm.trans_a)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &mm.trans_b, sizeof(mm.trans_b)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &mm.epilogue, sizeof(mm.epilogue)));
+  if (mm.bias) {
+    const int32_t bias_type = CUDA_R_16BF;
+    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)));
     GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
   }
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux_ptr, sizeof(aux_ptr)));
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
-  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_16BF, f, d, f));
-  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_16BF, d, n, d));
-  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.d, CUDA_R_16BF, f, n, f));
+  if (mm.aux) {
+    const int64_t aux_ld = mm.m;
+    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &mm.aux, sizeof(mm.aux)));
+    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+  }
+  const bool na = mm.trans_a == CUBLAS_OP_N, nb = mm.trans_b == CUBLAS_OP_N;
+  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_16BF, na ? mm.m : mm.k, na ? mm.k : mm.m, na ? mm.m : mm.k));
+  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_16BF, nb ? mm.k : mm.n, nb ? mm.n : mm.k, nb ? mm.k : mm.n));
+  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.d, CUDA_R_16BF, mm.m, mm.n, mm.m));
 
-  const auto key = std::make_tuple(n, d, f, static_cast<int>(bias_type) + 100 * static_cast<int>(bias_grad != 0), workspace_bytes, algo_rank);
+  const auto key = std::make_tuple(mm.Key(), workspace_bytes, algo_rank);
   auto found = algos.find(key);
   if (found == algos.end()) {
     GPTJAX_CUBLAS(cublasLtMatmulPreferenceCreate(&desc.preference));
@@ -158,16 +158,35 @@ ffi::Error DgeluBgrad(cudaStream_t stream, ffi::Buffer<ffi::BF16> dy, ffi::Buffe
     GPTJAX_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
                                                  desc.preference, 16, results, &count));
     if (count <= algo_rank)
-      return ffi::Error::Internal("dgelu_bgrad: cuBLASLt offers " + std::to_string(count) +
+      return ffi::Error::Internal("cuBLASLt offers " + std::to_string(count) +
                                   " algorithms for this problem, asked for rank " + std::to_string(algo_rank));
     found = algos.emplace(key, results[algo_rank].algo).first;
   }
   const float alpha = 1.0f, beta = 0.0f;
-  void* out = d_pre->untyped_data();
-  GPTJAX_CUBLAS(cublasLtMatmul(handle, desc.op, &alpha, w.untyped_data(), desc.a, dy.untyped_data(),
-                               desc.b, &beta, out, desc.d, out, desc.d, &found->second,
-                               workspace->untyped_data(), workspace_bytes, stream));
+  GPTJAX_CUBLAS(cublasLtMatmul(handle, desc.op, &alpha, mm.a, desc.a, mm.b, desc.b, &beta, mm.d,
+                               desc.d, mm.d, desc.d, &found->second, workspace->untyped_data(),
+                               workspace_bytes, stream));
   return ffi::Error::Success();
+}
+
+ffi::Error DgeluBgrad(cudaStream_t stream, ffi::Buffer<ffi::BF16> dy, ffi::Buffer<ffi::BF16> w,
+                      ffi::Buffer<ffi::BF16> pre, ffi::ResultBuffer<ffi::BF16> d_pre,
+                      ffi::ResultBuffer<ffi::BF16> d_bias, ffi::ResultBuffer<ffi::U8> workspace,
+                      int64_t algo_rank, int64_t bias_grad) {
+  auto dy_dims = dy.dimensions(), w_dims = w.dimensions(), pre_dims = pre.dimensions();
+  if (dy_dims.size() != 2 || w_dims.size() != 2 || pre_dims.size() != 2)
+    return ffi::Error::InvalidArgument("dgelu_bgrad: dy, w and pre must be 2-D");
+  const int64_t n = dy_dims[0], d = dy_dims[1], f = w_dims[1];
+  if (w_dims[0] != d || pre_dims[0] != n || pre_dims[1] != f)
+    return ffi::Error::InvalidArgument("dgelu_bgrad: shapes must be dy (N, D), w (D, F), pre (N, F)");
+  // D (F x N) = A (F x D) . B (D x N): A = w read as (F x D), B = dy read as (D x N), aux = pre
+  // read as (F x N).
+  Matmul mm{f, n, d, CUBLAS_OP_N, CUBLAS_OP_N,
+            bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU,
+            w.untyped_data(), dy.untyped_data(), d_pre->untyped_data()};
+  mm.aux = pre.untyped_data();
+  if (bias_grad) mm.bias = d_bias->untyped_data();
+  return Run(stream, mm, workspace, algo_rank);
 }
 
 }  // namespace
@@ -179,8 +198,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxDgeluBgrad, DgeluBgrad,
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // w
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // pre
                                   .Ret<ffi::Buffer<ffi::BF16>>()  // d_pre
-                                  .Ret<ffi::AnyBuffer>()          // d_bias
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // d_bias
                                   .Ret<ffi::Buffer<ffi::U8>>()    // workspace
                                   .Attr<int64_t>("algo_rank")
                                   .Attr<int64_t>("bias_grad"),
                               {ffi::Traits::kCmdBufferCompatible});
+
