@@ -7,10 +7,10 @@ item 44).
 
 The op is an XLA FFI custom call (gptjax/csrc/dgelu_bgrad.cc), compiled with the host's C++
 compiler against JAX's FFI headers and linked to the libcublasLt that JAX's CUDA wheels install,
-the first time a process asks for it, and cached (GPTJAX_CACHE_DIR, else ~/.cache/gptjax). Where
-that fails (no compiler, no libcublasLt, no GPU, a result that disagrees with XLA on a small
-check) `available()` is False, the log says why, and the model keeps its Pallas GELU kernel;
-GPTJAX_CUBLASLT=0 turns it off. `dgelu_bgrad_reference` is the same arithmetic in XLA, for tests
+the first time a process asks for it, and cached beside the tokenized splits ($GPTJAX_CACHE, else
+~/.cache/gptjax). Where that fails (no compiler, no libcublasLt, no GPU, a result that disagrees
+with XLA on a small check) `available()` is False, the log says why, and the model keeps its
+Pallas GELU kernel; GPTJAX_CUBLASLT=0 turns it off. `dgelu_bgrad_reference` is the same arithmetic in XLA, for tests
 and for any platform.
 """
 import ctypes
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import kernels
+from gptjax import data, kernels
 
 TARGET = "gptjax_dgelu_bgrad"
 WORKSPACE_BYTES = 32 << 20   # cuBLASLt's recommended workspace on Hopper
@@ -75,7 +75,7 @@ def _build() -> str:
     source = f.read()
   cmd = compile_command(cxx, "OUT", lib)
   digest = hashlib.sha256(source + repr((cmd, jax.__version__)).encode()).hexdigest()[:16]
-  cache = os.environ.get("GPTJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gptjax")
+  cache = data.default_cache_dir()
   path = os.path.join(cache, f"dgelu_bgrad-{digest}.so")
   if not os.path.exists(path):
     os.makedirs(cache, exist_ok=True)

@@ -178,7 +178,9 @@ DEVICES AND MACHINES
   On any GPU gptjax adds --xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false to
   XLA_FLAGS (bias, residual add and GELU fused into the matmuls); with one it also turns XLA's
   dot merger off (q, k and v from three matmuls, no copies), with two or more it turns on XLA's
-  latency-hiding scheduler and combines collectives. A flag already in XLA_FLAGS wins.
+  latency-hiding scheduler and combines collectives. A flag already in XLA_FLAGS wins. On one
+  GPU the MLP's GELU backward runs in a cuBLASLt epilogue, built with g++ on first use and cached
+  in ~/.cache/gptjax ($GPTJAX_CACHE); GPTJAX_CUBLASLT=0 (or no compiler) keeps a Pallas kernel.
 
 USING THE MODEL
   python -m gptjax.evaluate --model result/lm_X/models/model_<TS> --split test   (loss, ppl,
