@@ -40,7 +40,7 @@ def _cublaslt_library():
   """The libcublasLt to link: the file this process has loaded (JAX's GPU backend loads it), else
   one from JAX's nvidia wheels or a CUDA toolkit; None if there is none."""
   try:
-    with open("/proc/self/maps") as f:
+    with open("/proc/self/maps", errors="replace") as f:
       loaded = next((line.split()[-1] for line in f if "libcublasLt.so" in line), None)
     if loaded:
       return loaded
@@ -59,8 +59,8 @@ def compile_command(cxx: str, output: str, lib=None) -> list:
   cmd = [cxx, _SOURCE, "-o", output, "-O2", "-std=c++17", "-fPIC", "-w", "-I", jax.ffi.include_dir()]
   if lib is None:
     return cmd + ["-c"]
-  return cmd + ["-shared", "-L", os.path.dirname(lib), "-l:" + os.path.basename(lib),
-                "-Wl,-rpath," + os.path.dirname(lib)]
+  return cmd + ["-shared", "-Wl,--no-undefined", "-L", os.path.dirname(lib),
+                "-l:" + os.path.basename(lib), "-Wl,-rpath," + os.path.dirname(lib)]
 
 
 def _build() -> str:
@@ -81,11 +81,16 @@ def _build() -> str:
     os.makedirs(cache, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    done = subprocess.run(compile_command(cxx, tmp, lib), capture_output=True, text=True)
-    if done.returncode:
-      os.unlink(tmp)
-      raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-500:]}")
-    os.replace(tmp, path)   # whole or not at all, for processes building side by side
+    try:
+      done = subprocess.run(compile_command(cxx, tmp, lib), capture_output=True)
+      if done.returncode:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise RuntimeError(f"{cxx} failed: {stderr[-500:]}")
+      os.chmod(tmp, 0o644)   # mkstemp's 0600 would keep a shared cache's other users out
+      os.replace(tmp, path)   # whole or not at all, for processes building side by side
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
   return path
 
 
@@ -115,15 +120,25 @@ def available() -> bool:
   its result checked on a small problem."""
   if os.environ.get("GPTJAX_CUBLASLT", "1") == "0" or jax.default_backend() != "gpu":
     return False
+  path = None
   try:
-    lib = ctypes.cdll.LoadLibrary(_build())
+    path = _build()
+    lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptjaxDgeluBgrad), platform="CUDA")
-  except (RuntimeError, OSError, AttributeError) as e:
+    with jax.ensure_compile_time_eval():   # run now, also when first asked while tracing
+      return _works()
+  except Exception as e:  # noqa: BLE001  (whatever fails here, training goes on without it)
+    if isinstance(e, OSError) and path and os.path.exists(path):
+      os.unlink(path)   # a library that does not load is not kept for the next process
     log.warning("gptjax: cuBLASLt's DGELU epilogue is not available (%s); the MLP's backward "
                 "pass uses the Pallas GELU kernel instead", e)
     return False
-  with jax.ensure_compile_time_eval():   # run now, also when first asked while tracing
-    return _works()
+
+
+def applies(dtype, d_ff: int) -> bool:
+  """Whether dgelu_bgrad can run an MLP of width d_ff computing in dtype: bf16, d_ff a multiple
+  of 8 (cuBLASLt's rule for the pre-activation's leading dimension), available()."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and d_ff % 8 == 0 and available()
 
 
 def dgelu_bgrad(dy_ND, w_DF, pre_NF, algo_rank: int = 0, bias_grad: bool = False):

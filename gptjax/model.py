@@ -149,10 +149,11 @@ class DenseParams(_Dense):
 
 @jax.custom_vjp
 def gelu_mlp(x_NK, w1_KF, b1_F, w2_FD):
-  """gelu(x @ w1 + b1) @ w2 on rows, whose backward pass takes d(gelu's input) and b1's gradient
-  from one matmul: gptjax.cublaslt.dgelu_bgrad, cuBLASLt's DGELU_BGRAD epilogue reading the
-  pre-activation that the forward matmul's BIAS_GELU_AUX epilogue saved. (Elsewhere the same
-  arithmetic in XLA, dgelu_bgrad_reference.) The forward pass is DenseGELU's."""
+  """gelu(x @ w1 + b1) @ w2 on rows, whose backward pass takes d(gelu's input) from one matmul:
+  gptjax.cublaslt.dgelu_bgrad, cuBLASLt's DGELU epilogue reading the pre-activation that the
+  forward matmul's BIAS_GELU_AUX epilogue saved, b1's gradient summed by XLA. (Where the op does
+  not apply, the same arithmetic in XLA: dgelu_bgrad_reference.) The forward pass is DenseGELU's.
+  Cotangents come back in the primals' dtypes."""
   return _gelu_mlp_fwd(x_NK, w1_KF, b1_F, w2_FD)[0]
 
 
@@ -164,20 +165,21 @@ def _gelu_mlp_fwd(x_NK, w1_KF, b1_F, w2_FD):
 
 def _gelu_mlp_bwd(saved, dy_ND):
   x_NK, w1_KF, b1_F, pre_NF, h_NF, w2_FD = saved
-  fused = cublaslt.available() and pre_NF.dtype == jnp.bfloat16
+  fused = cublaslt.applies(pre_NF.dtype, w2_FD.shape[0])
   dgelu_bgrad = cublaslt.dgelu_bgrad if fused else cublaslt.dgelu_bgrad_reference
-  d_pre_NF, d_b1_F = dgelu_bgrad(dy_ND.astype(pre_NF.dtype), w2_FD.T, pre_NF)
-  return (d_pre_NF @ w1_KF.T, x_NK.T @ d_pre_NF, d_b1_F.astype(b1_F.dtype),
-          h_NF.T @ dy_ND.astype(h_NF.dtype))
+  d_pre_NF, d_b1_F = dgelu_bgrad(dy_ND.astype(pre_NF.dtype), w2_FD.T.astype(pre_NF.dtype), pre_NF)
+  grads = (d_pre_NF @ w1_KF.T, x_NK.T @ d_pre_NF, d_b1_F, h_NF.T @ dy_ND.astype(h_NF.dtype))
+  return tuple(g.astype(p.dtype) for g, p in zip(grads, (x_NK, w1_KF, b1_F, w2_FD)))
 
 
 gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
 
 
-def fused_mlp_backward(dtype) -> bool:
-  """Whether MLP runs as gelu_mlp with cuBLASLt's epilogue: on one GPU (kernels.enabled), bf16
-  compute, the extension built (gptjax.cublaslt.available)."""
-  return kernels.enabled() and jnp.dtype(dtype) == jnp.bfloat16 and cublaslt.available()
+def fused_mlp_backward(dtype, d_ff: int) -> bool:
+  """Whether MLP runs as gelu_mlp with cuBLASLt's epilogue: on one GPU (kernels.enabled), where
+  the op applies (gptjax.cublaslt.applies: bf16 compute, d_ff a multiple of 8, the extension
+  built)."""
+  return kernels.enabled() and cublaslt.applies(dtype, d_ff)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -325,7 +327,7 @@ class MLP(nn.Module):
   def __call__(self, x_ND, *, deterministic: bool):   # rows (B*T, D) in and out
     cfg = self.config
     fc_init, proj_init = _init(0.02), _init(0.02 / math.sqrt(2 * cfg.num_layers))
-    if fused_mlp_backward(cfg.dtype):
+    if fused_mlp_backward(cfg.dtype, cfg.d_ff):
       w1_KF, b1_F = DenseParams(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(
           x_ND.shape[-1])
       w2_FD, b2_D = DenseParams(cfg.d_model, dtype=cfg.dtype, kernel_init=proj_init,

@@ -275,7 +275,9 @@ def test_mlp_backward_benchmark_script_agrees_with_float32():
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   results = script.main(["--rows", "40", "--d", "48", "--ff", "96", "--calls", "1"])
-  # Without a GPU: XLA's matmul alone (another result) and with the GELU backward, in bf16.
-  assert set(results) == {"matmul alone (XLA; its difference: not the same result)",
-                          "matmul + GELU backward, XLA"}
-  assert results["matmul + GELU backward, XLA"][1] < 0.01
+  # XLA's matmul alone (another result) and with the GELU backward, in bf16 against float32; on a
+  # GPU also the Pallas kernel and cuBLASLt's epilogues, each within bf16 rounding.
+  assert {"matmul alone (XLA; its difference: not the same result)",
+          "matmul + GELU backward, XLA"} <= set(results)
+  for label, (_, err) in results.items():
+    assert label.startswith("matmul alone") or err < 0.01, label

@@ -37,10 +37,30 @@ def test_reference_is_the_gelu_backward_of_the_matmul():
   assert d_pre.dtype == pre.dtype and d_bias.dtype == jnp.float32
 
 
+def test_op_shapes_and_dtypes():
+  # The custom call's declared results, as XLA sees them (abstract evaluation: no GPU needed).
+  S = jax.ShapeDtypeStruct
+  dy, w, pre = S((40, 48), jnp.bfloat16), S((48, 96), jnp.bfloat16), S((40, 96), jnp.bfloat16)
+  for bias_grad in (False, True):
+    d_pre, d_bias = jax.eval_shape(
+        lambda *a: cublaslt.dgelu_bgrad(*a, bias_grad=bias_grad), dy, w, pre)
+    assert (d_pre.shape, d_pre.dtype, d_bias.shape, d_bias.dtype) == (
+        (40, 96), jnp.bfloat16, (96,), jnp.float32)
+
+
+def test_applies_only_to_bf16_and_widths_cublaslt_takes(monkeypatch):
+  monkeypatch.setattr(cublaslt, "available", lambda: True)
+  assert cublaslt.applies(jnp.bfloat16, 3072)
+  assert not cublaslt.applies(jnp.float32, 3072)
+  assert not cublaslt.applies(jnp.bfloat16, 100)   # the pre-activation's leading dimension
+
+
 def test_not_available_without_a_gpu_or_when_turned_off(monkeypatch):
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU answer")
   cublaslt.available.cache_clear()
   try:
-    assert jax.default_backend() == "cpu" and not cublaslt.available()
+    assert not cublaslt.available()
     cublaslt.available.cache_clear()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setenv("GPTJAX_CUBLASLT", "0")

@@ -81,7 +81,7 @@ def test_model_with_the_fused_mlp_backward_matches_the_default(monkeypatch):
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
 
   def init_loss_grads(fused):
-    monkeypatch.setattr(model_lib, "fused_mlp_backward", lambda dtype: fused)
+    monkeypatch.setattr(model_lib, "fused_mlp_backward", lambda dtype, d_ff: fused)
     params = GPT(config).init(jax.random.key(0), tokens[:, :-1])["params"]
     moved = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
     loss = lambda p: step.train_loss(GPT(config), p, tokens[:, :-1], tokens[:, 1:])

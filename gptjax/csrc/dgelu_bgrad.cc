@@ -20,9 +20,12 @@
 
 #include "xla/ffi/api/ffi.h"
 
-// The part of cuBLASLt's C API used here, declared as cublasLt.h (CUDA 12 and 13) declares it,
-// so that the build needs no CUDA headers: only a C++ compiler, JAX's FFI headers and the
-// libcublasLt that JAX's CUDA wheels install (linked by gptjax/cublaslt.py).
+// The part of cuBLASLt's C API used here, declared compatibly with cublasLt.h (CUDA 12 and 13:
+// the same signatures and values; the descriptors are opaque, used only through pointers), so
+// that the build needs no CUDA headers: only a C++ compiler, JAX's FFI headers and the
+// libcublasLt that JAX's CUDA wheels install (linked by gptjax/cublaslt.py). One device per
+// process: the handle and the algorithms chosen belong to the device of the first call, as the
+// model uses this op only with one GPU (gptjax.kernels.enabled).
 extern "C" {
 typedef struct CUstream_st* cudaStream_t;
 typedef int cublasStatus_t;  // CUBLAS_STATUS_SUCCESS = 0
@@ -112,17 +115,27 @@ struct Matmul {
   void* bias = nullptr;
   const void* aux = nullptr;
 
-  auto Key() const { return std::make_tuple(m, n, k, trans_a, trans_b, epilogue); }
+  // The problem, and the alignment of its pointers (which the heuristic's choice depends on).
+  auto Key() const {
+    uintptr_t all = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                    reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(bias) |
+                    reinterpret_cast<uintptr_t>(aux) | 256;
+    return std::make_tuple(m, n, k, trans_a, trans_b, epilogue,
+                           static_cast<int64_t>(all & (~all + 1)));
+  }
 };
 
 std::mutex mutex;
 cublasLtHandle_t handle = nullptr;
 // The heuristic's algorithm per problem, workspace size and rank, chosen once.
-std::map<std::tuple<std::tuple<int64_t, int64_t, int64_t, int32_t, int32_t, uint32_t>, int64_t, int64_t>,
+std::map<std::tuple<std::tuple<int64_t, int64_t, int64_t, int32_t, int32_t, uint32_t, int64_t>,
+                    int64_t, int64_t>,
          cublasLtMatmulAlgo_t> algos;
 
 ffi::Error Run(cudaStream_t stream, const Matmul& mm, ffi::ResultBuffer<ffi::U8>& workspace,
                int64_t algo_rank) {
+  if (algo_rank < 0 || algo_rank >= 16)
+    return ffi::Error::InvalidArgument("algo_rank must be in 0..15");
   const int64_t workspace_bytes = static_cast<int64_t>(workspace->size_bytes());
   std::lock_guard<std::mutex> lock(mutex);
   if (handle == nullptr) GPTJAX_CUBLAS(cublasLtCreate(&handle));
