@@ -23,14 +23,9 @@ xla_flags.set_defaults()   # the step's cuBLASLt flags, before jax touches a dev
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from block_kernels import _max_diff  # noqa: E402
 from gptjax import cublaslt, kernels  # noqa: E402
 from loss_kernels import time_ms  # noqa: E402
-
-
-def _max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-                   / jnp.max(jnp.abs(y.astype(jnp.float32))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def main(argv=None):

@@ -240,11 +240,16 @@ def test_best_batch_size_per_config():
   assert "best batch size for medium: 64 (495,000 tok/s" in text and "tiny" not in text
 
 
-def test_block_kernel_benchmark_script_agrees_with_xla():
-  path = os.path.join(REPO, "bench", "block_kernels.py")
-  spec = importlib.util.spec_from_file_location("block_kernels", path)
+def _bench_script(name):
+  """bench/<name>.py, imported as a module."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
+  return script
+
+
+def test_block_kernel_benchmark_script_agrees_with_xla():
+  script = _bench_script("block_kernels")
   results = script.main(["--rows", "40", "--d", "48", "--ff", "96", "--calls", "1"])
   passes = ("LayerNorm forward", "LayerNorm backward", "GELU backward")
   assert {name.split(",")[0] for name in results} == set(passes)
@@ -256,10 +261,7 @@ def test_block_kernel_benchmark_script_agrees_with_xla():
 
 
 def test_loss_kernel_benchmark_script_agrees_with_xla():
-  path = os.path.join(REPO, "bench", "loss_kernels.py")
-  spec = importlib.util.spec_from_file_location("loss_kernels", path)
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = _bench_script("loss_kernels")
   results = script.main(["--rows", "8", "--vocab", "2500", "--calls", "1"])
   assert set(results) == {"logsumexp, XLA", "logsumexp, Pallas", "d(logits), XLA",
                           "d(logits), Pallas", "deferred"}
@@ -270,10 +272,7 @@ def test_loss_kernel_benchmark_script_agrees_with_xla():
 
 
 def test_mlp_backward_benchmark_script_agrees_with_float32():
-  path = os.path.join(REPO, "bench", "mlp_backward.py")
-  spec = importlib.util.spec_from_file_location("mlp_backward", path)
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = _bench_script("mlp_backward")
   results = script.main(["--rows", "40", "--d", "48", "--ff", "96", "--calls", "1"])
   # XLA's matmul alone (another result) and with the GELU backward, in bf16 against float32; on a
   # GPU also the Pallas kernel and cuBLASLt's epilogues, each within bf16 rounding.
