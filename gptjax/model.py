@@ -96,16 +96,16 @@ class _Dense(nn.Dense):
   """nn.Dense's fields and parameters ('kernel', 'bias'), for layers that compute with them in
   their own way."""
 
-  def declared(self, x):
+  def declared(self, in_features: int):
     """(kernel, bias), declared as nn.Dense declares them, in the parameters' dtype."""
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
     return kernel, self.param("bias", self.bias_init, (self.features,), self.param_dtype)
 
   def promoted(self, x, input_bias=None):
     """(x, kernel, bias) in the compute dtype. With `input_bias` (a vector added to every row of
     x), bias becomes input_bias @ kernel + bias, computed in the parameters' dtype:
     (x + c) W + b = x W + (c W + b)."""
-    kernel, bias = self.declared(x)
+    kernel, bias = self.declared(x.shape[-1])
     if input_bias is not None:
       bias = jnp.dot(input_bias, kernel, precision=jax.lax.Precision.HIGHEST) + bias
     return nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -142,9 +142,7 @@ class DenseParams(_Dense):
 
   @nn.compact
   def __call__(self, in_features: int):
-    kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    return nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+    return nn.dtypes.promote_dtype(*self.declared(in_features), dtype=self.dtype)
 
 
 @jax.custom_vjp
@@ -263,7 +261,7 @@ class QKVDense(_Dense):
 
   @nn.compact
   def __call__(self, x):
-    kernel, bias = self.declared(x)
+    kernel, bias = self.declared(x.shape[-1])
     x_c, kernel_c, bias_c = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if separate_qkv_matmuls():
       d = self.features // 3

@@ -13,6 +13,7 @@
 // drops, so XLA allocates it and the call stays capturable in a CUDA graph.
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -104,83 +105,18 @@ struct Descriptors {
   }
 };
 
-// One cuBLASLt matmul, column-major as cuBLAS sees row-major buffers: D (m x n) = op(A) . op(B),
-// with an epilogue, its bias-gradient output (bf16, m long) and its aux input (m x n, ld m).
-struct Matmul {
-  int64_t m, n, k;
-  int32_t trans_a, trans_b;
-  uint32_t epilogue;
-  const void *a, *b;
-  void* d;
-  void* bias = nullptr;
-  const void* aux = nullptr;
-
-  // The problem, and the alignment of its pointers (which the heuristic's choice depends on).
-  auto Key() const {
-    uintptr_t all = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
-                    reinterpret_cast<uintptr_t>(d) | reinterpret_cast<uintptr_t>(bias) |
-                    reinterpret_cast<uintptr_t>(aux) | 256;
-    return std::make_tuple(m, n, k, trans_a, trans_b, epilogue,
-                           static_cast<int64_t>(all & (~all + 1)));
-  }
-};
+// Pointer alignment (up to 256 bytes), on which the heuristic's choice depends.
+int64_t Alignment(std::initializer_list<const void*> pointers) {
+  uintptr_t all = 256;
+  for (const void* p : pointers) all |= reinterpret_cast<uintptr_t>(p);
+  return static_cast<int64_t>(all & (~all + 1));
+}
 
 std::mutex mutex;
 cublasLtHandle_t handle = nullptr;
-// The heuristic's algorithm per problem, workspace size and rank, chosen once.
-std::map<std::tuple<std::tuple<int64_t, int64_t, int64_t, int32_t, int32_t, uint32_t, int64_t>,
-                    int64_t, int64_t>,
+// The heuristic's algorithm per (n, d, f, epilogue, alignment, workspace, rank), chosen once.
+std::map<std::tuple<int64_t, int64_t, int64_t, uint32_t, int64_t, int64_t, int64_t>,
          cublasLtMatmulAlgo_t> algos;
-
-ffi::Error Run(cudaStream_t stream, const Matmul& mm, ffi::ResultBuffer<ffi::U8>& workspace,
-               int64_t algo_rank) {
-  if (algo_rank < 0 || algo_rank >= 16)
-    return ffi::Error::InvalidArgument("algo_rank must be in 0..15");
-  const int64_t workspace_bytes = static_cast<int64_t>(workspace->size_bytes());
-  std::lock_guard<std::mutex> lock(mutex);
-  if (handle == nullptr) GPTJAX_CUBLAS(cublasLtCreate(&handle));
-  Descriptors desc;
-  GPTJAX_CUBLAS(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &mm.trans_a, sizeof(mm.trans_a)));
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &mm.trans_b, sizeof(mm.trans_b)));
-  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &mm.epilogue, sizeof(mm.epilogue)));
-  if (mm.bias) {
-    const int32_t bias_type = CUDA_R_16BF;
-    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)));
-    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
-  }
-  if (mm.aux) {
-    const int64_t aux_ld = mm.m;
-    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &mm.aux, sizeof(mm.aux)));
-    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
-  }
-  const bool na = mm.trans_a == CUBLAS_OP_N, nb = mm.trans_b == CUBLAS_OP_N;
-  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_16BF, na ? mm.m : mm.k, na ? mm.k : mm.m, na ? mm.m : mm.k));
-  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_16BF, nb ? mm.k : mm.n, nb ? mm.n : mm.k, nb ? mm.k : mm.n));
-  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.d, CUDA_R_16BF, mm.m, mm.n, mm.m));
-
-  const auto key = std::make_tuple(mm.Key(), workspace_bytes, algo_rank);
-  auto found = algos.find(key);
-  if (found == algos.end()) {
-    GPTJAX_CUBLAS(cublasLtMatmulPreferenceCreate(&desc.preference));
-    const uint64_t max_workspace = static_cast<uint64_t>(workspace_bytes);
-    GPTJAX_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-        desc.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace, sizeof(max_workspace)));
-    cublasLtMatmulHeuristicResult_t results[16] = {};
-    int count = 0;
-    GPTJAX_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
-                                                 desc.preference, 16, results, &count));
-    if (count <= algo_rank)
-      return ffi::Error::Internal("cuBLASLt offers " + std::to_string(count) +
-                                  " algorithms for this problem, asked for rank " + std::to_string(algo_rank));
-    found = algos.emplace(key, results[algo_rank].algo).first;
-  }
-  const float alpha = 1.0f, beta = 0.0f;
-  GPTJAX_CUBLAS(cublasLtMatmul(handle, desc.op, &alpha, mm.a, desc.a, mm.b, desc.b, &beta, mm.d,
-                               desc.d, mm.d, desc.d, &found->second, workspace->untyped_data(),
-                               workspace_bytes, stream));
-  return ffi::Error::Success();
-}
 
 ffi::Error DgeluBgrad(cudaStream_t stream, ffi::Buffer<ffi::BF16> dy, ffi::Buffer<ffi::BF16> w,
                       ffi::Buffer<ffi::BF16> pre, ffi::ResultBuffer<ffi::BF16> d_pre,
@@ -192,14 +128,59 @@ ffi::Error DgeluBgrad(cudaStream_t stream, ffi::Buffer<ffi::BF16> dy, ffi::Buffe
   const int64_t n = dy_dims[0], d = dy_dims[1], f = w_dims[1];
   if (w_dims[0] != d || pre_dims[0] != n || pre_dims[1] != f)
     return ffi::Error::InvalidArgument("dgelu_bgrad: shapes must be dy (N, D), w (D, F), pre (N, F)");
-  // D (F x N) = A (F x D) . B (D x N): A = w read as (F x D), B = dy read as (D x N), aux = pre
-  // read as (F x N).
-  Matmul mm{f, n, d, CUBLAS_OP_N, CUBLAS_OP_N,
-            bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU,
-            w.untyped_data(), dy.untyped_data(), d_pre->untyped_data()};
-  mm.aux = pre.untyped_data();
-  if (bias_grad) mm.bias = d_bias->untyped_data();
-  return Run(stream, mm, workspace, algo_rank);
+  if (algo_rank < 0 || algo_rank >= 16)
+    return ffi::Error::InvalidArgument("dgelu_bgrad: algo_rank must be in 0..15");
+  const int64_t workspace_bytes = static_cast<int64_t>(workspace->size_bytes());
+  const uint32_t epilogue = bias_grad ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+  void* out = d_pre->untyped_data();
+  void* bias = bias_grad ? d_bias->untyped_data() : nullptr;
+  const void* aux = pre.untyped_data();
+
+  std::lock_guard<std::mutex> lock(mutex);
+  if (handle == nullptr) GPTJAX_CUBLAS(cublasLtCreate(&handle));
+  // Column-major, as cuBLAS sees the row-major buffers: D (F x N) = A (F x D) . B (D x N), with
+  // A = w read as (F x D), B = dy read as (D x N), aux = pre read as (F x N); none transposed.
+  Descriptors desc;
+  const int32_t trans = CUBLAS_OP_N;
+  const int64_t aux_ld = f;
+  GPTJAX_CUBLAS(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans, sizeof(trans)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+  GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+  if (bias) {   // the bias gradient in bf16, the output's type
+    const int32_t bias_type = CUDA_R_16BF;
+    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    GPTJAX_CUBLAS(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+  }
+  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.a, CUDA_R_16BF, f, d, f));
+  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.b, CUDA_R_16BF, d, n, d));
+  GPTJAX_CUBLAS(cublasLtMatrixLayoutCreate(&desc.d, CUDA_R_16BF, f, n, f));
+
+  const auto key = std::make_tuple(n, d, f, epilogue,
+                                   Alignment({w.untyped_data(), dy.untyped_data(), out, bias, aux}),
+                                   workspace_bytes, algo_rank);
+  auto found = algos.find(key);
+  if (found == algos.end()) {
+    GPTJAX_CUBLAS(cublasLtMatmulPreferenceCreate(&desc.preference));
+    const uint64_t max_workspace = static_cast<uint64_t>(workspace_bytes);
+    GPTJAX_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
+        desc.preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_workspace, sizeof(max_workspace)));
+    cublasLtMatmulHeuristicResult_t results[16] = {};
+    int count = 0;
+    GPTJAX_CUBLAS(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
+                                                 desc.preference, 16, results, &count));
+    if (count <= algo_rank)
+      return ffi::Error::Internal("dgelu_bgrad: cuBLASLt offers " + std::to_string(count) +
+                                  " algorithms for this problem, asked for rank " + std::to_string(algo_rank));
+    found = algos.emplace(key, results[algo_rank].algo).first;
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  GPTJAX_CUBLAS(cublasLtMatmul(handle, desc.op, &alpha, w.untyped_data(), desc.a, dy.untyped_data(),
+                               desc.b, &beta, out, desc.d, out, desc.d, &found->second,
+                               workspace->untyped_data(), workspace_bytes, stream));
+  return ffi::Error::Success();
 }
 
 }  // namespace
