@@ -17,7 +17,8 @@ LayerNorm. `layer_norm` normalizes rows of d_model in one read and one write; it
 reads x, d(y) and, with `residual`, the residual stream's own gradient once each, and writes d(x)
 with that gradient already added, the scale and bias gradients reduced in the same kernel (one
 float32 partial per program). XLA splits the same backward into several reductions, each
-re-reading the activations.
+re-reading the activations. Its `bias_columns` append a column of ones (and zeros, to a width
+cuBLAS aligns) to y, for the MLP's first matmul to take its bias as a row of its weight.
 
 Off GPU the same kernels run in Pallas' interpreter (slow; the tests use it on small arrays).
 """
@@ -233,6 +234,7 @@ def _row_blocks_call(kernel, blocks, name: str, n: int, out_shape, column_blocks
 def _layer_norm_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float,
                            rows: int, steps: int):
   n, d = x_ref.shape
+  extra = y_ref.shape[1] - d   # bias columns: a 1, then 0s
   col, cmask = _columns(d)
   scale = plgpu.load(scale_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
   bias = plgpu.load(bias_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
@@ -248,6 +250,10 @@ def _layer_norm_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref
     rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1) / d + eps)
     y = xc * rstd[:, None] * scale[None, :] + bias[None, :]
     plgpu.store(y_ref.at[row[:, None], col[None, :]], y.astype(y_ref.dtype), mask=mask)
+    if extra:
+      ecol = jnp.arange(extra)
+      ones = jnp.broadcast_to((ecol == 0)[None, :], (rows, extra)).astype(y_ref.dtype)
+      plgpu.store(y_ref.at[row[:, None], d + ecol[None, :]], ones, mask=rmask[:, None])
     plgpu.store(mean_ref.at[row], mean, mask=rmask)
     plgpu.store(rstd_ref.at[row], rstd, mask=rmask)
 
@@ -287,15 +293,15 @@ def _layer_norm_bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, 
   _store_partial_sum(dbias_ref, program, col, cmask, dbias)
 
 
-def _layer_norm_fwd(x, scale, bias, eps):
+def _layer_norm_fwd(x, scale, bias, eps, bias_columns):
   x_ND = x.reshape(-1, x.shape[-1])
   n, d = x_ND.shape
-  out_shape = lambda _: (jax.ShapeDtypeStruct((n, d), x.dtype),
+  out_shape = lambda _: (jax.ShapeDtypeStruct((n, d + bias_columns), x.dtype),
                          jax.ShapeDtypeStruct((n,), jnp.float32),
                          jax.ShapeDtypeStruct((n,), jnp.float32))
   y_ND, mean_N, rstd_N = _row_blocks_call(_layer_norm_fwd_kernel, LN_FWD_BLOCKS, "layer_norm_fwd",
                                           n, out_shape, eps=eps)(x_ND, scale, bias)
-  return y_ND.reshape(x.shape), (x_ND, scale, mean_N, rstd_N)
+  return y_ND.reshape(x.shape[:-1] + (d + bias_columns,)), (x_ND, scale, mean_N, rstd_N)
 
 
 def _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres):
@@ -304,31 +310,34 @@ def _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres):
   out_shape = lambda programs: (jax.ShapeDtypeStruct((n, d), x_ND.dtype),
                                 jax.ShapeDtypeStruct((programs, d), jnp.float32),
                                 jax.ShapeDtypeStruct((programs, d), jnp.float32))
-  args = [x_ND, dy.reshape(n, d), mean_N, rstd_N, scale]
+  # d(y) may be wider than x (bias columns): the kernel reads its first d columns.
+  args = [x_ND, dy.reshape(n, -1), mean_N, rstd_N, scale]
   args += [dres.reshape(n, d)] if residual else []
   dx_ND, dscale_PD, dbias_PD = _row_blocks_call(
       _layer_norm_bwd_kernel, LN_BWD_BLOCKS, "layer_norm_bwd", n, out_shape,
       residual=residual)(*args)
-  return dx_ND.reshape(dy.shape), dscale_PD.sum(0), dbias_PD.sum(0)
+  return dx_ND.reshape(dy.shape[:-1] + (d,)), dscale_PD.sum(0), dbias_PD.sum(0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm(x, scale, bias, eps: float, residual: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def layer_norm(x, scale, bias, eps: float, residual: bool, bias_columns: int = 0):
   """LayerNorm over the last axis with flax.linen.LayerNorm's parameters: statistics in float32
   (two-pass variance, in registers), y in x's dtype. With `residual` it returns (x, y): the caller
   continues the residual stream from this x, so that the backward pass adds the stream's gradient
-  into d(x) itself."""
-  y = _layer_norm_fwd(x, scale, bias, eps)[0]
+  into d(x) itself. With `bias_columns` > 0, y has that many more columns, a column of ones and
+  then zeros, written by the same kernel: a matmul that follows takes its bias as one more row of
+  its weight, and the bias gradient comes from the weight-gradient matmul (gptjax.model.MLP)."""
+  y = _layer_norm_fwd(x, scale, bias, eps, bias_columns)[0]
   return (x, y) if residual else y
 
 
-def _layer_norm_vjp_fwd(x, scale, bias, eps, residual):
-  y, saved = _layer_norm_fwd(x, scale, bias, eps)
+def _layer_norm_vjp_fwd(x, scale, bias, eps, residual, bias_columns):
+  y, saved = _layer_norm_fwd(x, scale, bias, eps, bias_columns)
   return ((x, y) if residual else y), (saved, bias)
 
 
-def _layer_norm_vjp_bwd(eps, residual, saved, g):
-  del eps
+def _layer_norm_vjp_bwd(eps, residual, bias_columns, saved, g):
+  del eps, bias_columns
   (x_ND, scale, mean_N, rstd_N), bias = saved
   dres, dy = g if residual else (None, g)
   dx, dscale, dbias = _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres)

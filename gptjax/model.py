@@ -138,36 +138,51 @@ class DenseGELU(_Dense):
 
 class DenseParams(_Dense):
   """nn.Dense's parameters alone ('kernel', 'bias'), in the compute dtype, for a caller that
-  applies them itself (gelu_mlp)."""
+  applies them itself (MLP)."""
 
   @nn.compact
   def __call__(self, in_features: int):
     return nn.dtypes.promote_dtype(*self.declared(in_features), dtype=self.dtype)
 
 
+# The columns LayerNorm appends to the MLP's input on the gelu_mlp path: a 1, then 0s up to a
+# multiple of 8, cuBLAS's alignment of bf16 rows.
+BIAS_COLUMNS = 8
+
+
+def with_bias_row(kernel_KF, bias_F, bias_columns: int = BIAS_COLUMNS):
+  """The (K + bias_columns, F) weight whose product with LayerNorm(bias_columns)'s rows adds the
+  bias: kernel, then the bias, then zeros. Its gradient's bias row is the bias gradient."""
+  zeros = jnp.zeros((bias_columns - 1, kernel_KF.shape[1]), kernel_KF.dtype)
+  return jnp.concatenate([kernel_KF, bias_F[None].astype(kernel_KF.dtype), zeros])
+
+
 @jax.custom_vjp
-def gelu_mlp(x_NK, w1_KF, b1_F, w2_FD):
-  """gelu(x @ w1 + b1) @ w2 on rows, whose backward pass takes d(gelu's input) from one matmul:
+def gelu_mlp(x_NK, w1_KF, w2_FD):
+  """gelu(x @ w1) @ w2 on rows, whose backward pass takes d(gelu's input) from one matmul:
   gptjax.cublaslt.dgelu_bgrad, cuBLASLt's DGELU epilogue reading the pre-activation that the
-  forward matmul's BIAS_GELU_AUX epilogue saved, b1's gradient summed by XLA. (Where the op does
-  not apply, the same arithmetic in XLA: dgelu_bgrad_reference.) The forward pass is DenseGELU's.
-  Cotangents come back in the primals' dtypes."""
-  return _gelu_mlp_fwd(x_NK, w1_KF, b1_F, w2_FD)[0]
+  forward matmul's GELU_AUX epilogue saved. (Where the op does not apply, the same arithmetic in
+  XLA: dgelu_bgrad_reference.) The first layer's bias comes in x's ones column and w1's bias row
+  (with_bias_row), so that its gradient is a row of w1's gradient matmul: no bias epilogue
+  forward, no separate sum over the rows backward (bench/PERF_LOG.md, item 48). Cotangents come
+  back in the primals' dtypes."""
+  return _gelu_mlp_fwd(x_NK, w1_KF, w2_FD)[0]
 
 
-def _gelu_mlp_fwd(x_NK, w1_KF, b1_F, w2_FD):
-  pre_NF = x_NK @ w1_KF + b1_F
+def _gelu_mlp_fwd(x_NK, w1_KF, w2_FD):
+  pre_NF = x_NK @ w1_KF
   h_NF = _gelu_form(pre_NF)
-  return h_NF @ w2_FD, (x_NK, w1_KF, b1_F, pre_NF, h_NF, w2_FD)
+  return h_NF @ w2_FD, (x_NK, w1_KF, pre_NF, h_NF, w2_FD)
 
 
 def _gelu_mlp_bwd(saved, dy_ND):
-  x_NK, w1_KF, b1_F, pre_NF, h_NF, w2_FD = saved
+  x_NK, w1_KF, pre_NF, h_NF, w2_FD = saved
   fused = cublaslt.applies(pre_NF.dtype, w2_FD.shape[0])
   dgelu_bgrad = cublaslt.dgelu_bgrad if fused else cublaslt.dgelu_bgrad_reference
-  d_pre_NF, d_b1_F = dgelu_bgrad(dy_ND.astype(pre_NF.dtype), w2_FD.T.astype(pre_NF.dtype), pre_NF)
-  grads = (d_pre_NF @ w1_KF.T, x_NK.T @ d_pre_NF, d_b1_F, h_NF.T @ dy_ND.astype(h_NF.dtype))
-  return tuple(g.astype(p.dtype) for g, p in zip(grads, (x_NK, w1_KF, b1_F, w2_FD)))
+  # Its bias sum unused, XLA drops it.
+  d_pre_NF = dgelu_bgrad(dy_ND.astype(pre_NF.dtype), w2_FD.T.astype(pre_NF.dtype), pre_NF)[0]
+  grads = (d_pre_NF @ w1_KF.T, x_NK.T @ d_pre_NF, h_NF.T @ dy_ND.astype(h_NF.dtype))
+  return tuple(g.astype(p.dtype) for g, p in zip(grads, (x_NK, w1_KF, w2_FD)))
 
 
 gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
@@ -190,16 +205,21 @@ class LayerNorm(nn.LayerNorm):
   """
 
   @nn.compact
-  def __call__(self, x, residual: bool = False):
+  def __call__(self, x, residual: bool = False, bias_columns: int = 0):
+    """`bias_columns` > 0 appends that many columns to the output, a 1 and then 0s (see
+    with_bias_row)."""
     if kernels.enabled():
       features = (x.shape[-1],)
       scale = self.param("scale", self.scale_init, features, self.param_dtype)
       bias = self.param("bias", self.bias_init, features, self.param_dtype)
-      out = kernels.layer_norm(x, scale, bias, self.epsilon, residual)
+      out = kernels.layer_norm(x, scale, bias, self.epsilon, residual, bias_columns)
       x, y = out if residual else (x, out)
       y = y.astype(self.dtype or x.dtype)
     else:
       y = super().__call__(x)
+      if bias_columns:
+        ones = jnp.zeros(y.shape[:-1] + (bias_columns,), y.dtype).at[..., 0].set(1)
+        y = jnp.concatenate([y, ones], axis=-1)
     return (x, y) if residual else y
 
 
@@ -322,15 +342,18 @@ class MLP(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_ND, *, deterministic: bool):   # rows (B*T, D) in and out
+  def __call__(self, x_ND, *, deterministic: bool):
+    """Rows (B*T, D) in and out; on the gelu_mlp path (fused_mlp_backward) x has LayerNorm's
+    BIAS_COLUMNS appended."""
     cfg = self.config
     fc_init, proj_init = _init(0.02), _init(0.02 / math.sqrt(2 * cfg.num_layers))
     if fused_mlp_backward(cfg.dtype, cfg.d_ff):
       w1_KF, b1_F = DenseParams(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(
-          x_ND.shape[-1])
+          cfg.d_model)
       w2_FD, b2_D = DenseParams(cfg.d_model, dtype=cfg.dtype, kernel_init=proj_init,
                                 name="proj")(cfg.d_ff)
-      y_ND = gelu_mlp(x_ND.astype(cfg.dtype), w1_KF, b1_F, w2_FD) + b2_D
+      w1_KF = with_bias_row(w1_KF, b1_F, x_ND.shape[-1] - cfg.d_model)
+      y_ND = gelu_mlp(x_ND.astype(cfg.dtype), w1_KF, w2_FD) + b2_D
     else:
       h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(x_ND)
       y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=proj_init)(h_NF)
@@ -352,7 +375,9 @@ class Block(nn.Module):
     x_ND, h_ND = LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD.reshape(B * T, D), residual=True)
     x_ND = x_ND + CausalSelfAttention(cfg, name="attn")(
         h_ND.reshape(B, T, D), deterministic=deterministic, cache_index=cache_index)
-    x_ND, h_ND = LayerNorm(dtype=cfg.dtype, name="ln2")(x_ND, residual=True)
+    bias_columns = BIAS_COLUMNS if fused_mlp_backward(cfg.dtype, cfg.d_ff) else 0
+    x_ND, h_ND = LayerNorm(dtype=cfg.dtype, name="ln2")(x_ND, residual=True,
+                                                        bias_columns=bias_columns)
     x_ND = x_ND + MLP(cfg, name="mlp")(h_ND, deterministic=deterministic)
     return x_ND.reshape(B, T, D)
 

@@ -57,28 +57,39 @@ def test_bias_gelu_and_its_gradients_match_jax(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gelu_mlp_and_its_gradients_match_jax(dtype):
-  # gelu(x @ w1 + b1) @ w2 with its own backward pass: d(pre) and b1's gradient from
-  # gptjax.cublaslt (here, without a GPU, its reference arithmetic in XLA).
+  # gelu(x @ w1 + b1) @ w2 with its own backward pass: d(pre) from gptjax.cublaslt (here, without a
+  # GPU, its reference arithmetic in XLA), b1 as w1's bias row against x's ones column, and its
+  # gradient that row of w1's.
   k = jax.random.split(jax.random.key(0), 5)
   x, w1, b1, w2 = (s * jax.random.normal(key, shape) for key, shape, s in zip(
       k, [(13, 48), (48, 96), (96,), (96, 48)], [1.0, 0.3, 1.0, 0.3]))
   w_out = jax.random.normal(k[4], (13, 48))
   ref = lambda *a: jnp.sum(jax.nn.gelu(a[0] @ a[1] + a[2], approximate=True) @ a[3] * w_out)
-  ours = lambda *a: jnp.sum((model_lib.gelu_mlp(*a) * w_out).astype(jnp.float32))
+  ones = jnp.zeros((13, 8)).at[:, 0].set(1)
+
+  def ours(x, w1, b1, w2):
+    x_aug, w1_aug = jnp.concatenate([x, ones.astype(x.dtype)], 1), model_lib.with_bias_row(w1, b1)
+    return jnp.sum((model_lib.gelu_mlp(x_aug, w1_aug, w2) * w_out).astype(jnp.float32))
+
   args = [a.astype(dtype) for a in (x, w1, b1, w2)]
   got, want = jax.grad(ours, (0, 1, 2, 3))(*args), jax.grad(ref, (0, 1, 2, 3))(x, w1, b1, w2)
-  assert model_lib.gelu_mlp(*args).dtype == dtype and [g.dtype for g in got] == [dtype] * 4
+  assert model_lib.with_bias_row(args[1], args[2]).shape == (56, 96)
+  assert model_lib.gelu_mlp(ones.astype(dtype), jnp.ones((8, 96), dtype), args[3]).dtype == dtype
+  assert [g.dtype for g in got] == [dtype] * 4
   for g, r in zip(got, want):   # bf16: each gradient within its rounding, relative to its norm
     tol = 1e-5 if dtype == jnp.float32 else 0.02
     assert float(jnp.linalg.norm(g.astype(jnp.float32) - r)) <= tol * float(jnp.linalg.norm(r))
 
 
-def test_model_with_the_fused_mlp_backward_matches_the_default(monkeypatch):
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
+def test_model_with_the_fused_mlp_backward_matches_the_default(pallas, monkeypatch):
   # On one GPU with gptjax.cublaslt built, MLP runs as gelu_mlp, its parameters declared by
   # DenseParams: the same names, shapes and initial values as DenseGELU's and nn.Dense's, the
-  # same loss and gradients (biases made nonzero).
+  # same loss and gradients (biases made nonzero), b1's through ln2's ones column (`pallas`: in
+  # the LayerNorm kernel, run in Pallas' interpreter).
   config = dataclasses.replace(SMALL, d_model=48, d_ff=96)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+  monkeypatch.setattr(kernels, "enabled", lambda: pallas)
 
   def init_loss_grads(fused):
     monkeypatch.setattr(model_lib, "fused_mlp_backward", lambda dtype, d_ff: fused)
@@ -212,14 +223,18 @@ def test_model_with_three_qkv_matmuls_matches_one(monkeypatch, remat):
                grads, one_grads)
 
 
-@pytest.mark.parametrize("residual", [True, False], ids=["residual", "final"])
+@pytest.mark.parametrize("residual,bias_columns", [(True, 0), (False, 0), (True, 8)],
+                         ids=["residual", "final", "residual-ones"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
-def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkeypatch):
+def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, bias_columns,
+                                                  monkeypatch):
   # On one GPU the model's LayerNorm runs gptjax.kernels' Pallas kernels; here they run in Pallas'
   # interpreter. 4 rows per block, 2 per program: 21 rows make 3 programs, the last one partial;
   # rows of 48 in blocks of 64 columns. `residual`: as in a block, where the residual stream
   # continues from the x LayerNorm hands back (its gradient added in the kernel); else as ln_f.
+  # `bias_columns`: as ln2 before gelu_mlp, y then has a column of ones and 7 of zeros, which
+  # take no part in the gradients.
   monkeypatch.setattr(kernels, "enabled", lambda: pallas)
   monkeypatch.setattr(kernels, "LN_FWD_BLOCKS", (4, 2, 4, 1))
   monkeypatch.setattr(kernels, "LN_BWD_BLOCKS", (4, 2, 4, 1))
@@ -229,10 +244,15 @@ def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkey
   w_y, w_x = jax.random.normal(k[3], x.shape), jax.random.normal(k[4], x.shape)
   stream = lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32)) * w_x)
 
+  w_ones = jax.random.normal(k[4], x.shape[:-1] + (bias_columns,))
+
   def ours(x, params):
-    out = model_lib.LayerNorm(dtype=dtype).apply({"params": params}, x, residual=residual)
+    out = model_lib.LayerNorm(dtype=dtype).apply({"params": params}, x, residual=residual,
+                                                 bias_columns=bias_columns)
     x_out, y = out if residual else (x, out)
-    return jnp.sum(y.astype(jnp.float32) * w_y) + stream(x_out)
+    y, ones = y[..., :48], y[..., 48:]
+    return (jnp.sum(y.astype(jnp.float32) * w_y) + stream(x_out)
+            + jnp.sum(ones.astype(jnp.float32) * w_ones))
 
   def flax_ln(x, params):
     y = nn.LayerNorm(dtype=dtype).apply({"params": params}, x)
@@ -243,6 +263,11 @@ def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkey
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=0.02, atol=0.02)
   np.testing.assert_allclose(y.astype(np.float32), nn.LayerNorm(dtype=dtype).apply(
       {"params": params}, x).astype(np.float32), **tol)
+  if bias_columns:
+    out = model_lib.LayerNorm(dtype=dtype).apply({"params": params}, x, residual=residual,
+                                                 bias_columns=bias_columns)
+    assert out[1].shape == x.shape[:-1] + (48 + bias_columns,)
+    np.testing.assert_array_equal(out[1][..., 48:], jnp.zeros_like(w_ones).at[..., 0].set(1))
   ours_grads, flax_grads = jax.grad(ours, (0, 1))(x, params), jax.grad(flax_ln, (0, 1))(x, params)
   assert ours_grads[0].dtype == dtype
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
@@ -361,9 +386,9 @@ def test_gpu_kernels_lower_to_triton_for_cuda(monkeypatch):
   h, b = S((32768, 3072), jnp.bfloat16), S((3072,), jnp.bfloat16)
   logits, targets = S((32, 1024, 50304), jnp.bfloat16), S((32, 1024), jnp.int32)
 
-  def ln_grads(x, scale, bias, residual):
+  def ln_grads(x, scale, bias, residual, bias_columns=0):
     def f(x, scale, bias):
-      out = kernels.layer_norm(x, scale, bias, 1e-6, residual)
+      out = kernels.layer_norm(x, scale, bias, 1e-6, residual, bias_columns)
       x_out, y = out if residual else (x, out)
       return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(x_out.astype(jnp.float32))
     return jax.grad(f, (0, 1, 2))(x, scale, bias)
@@ -375,6 +400,7 @@ def test_gpu_kernels_lower_to_triton_for_cuda(monkeypatch):
 
   assert triton_calls(lambda x, s, b: ln_grads(x, s, b, True), x, v, v) == 2   # forward, backward
   assert triton_calls(lambda x, s, b: ln_grads(x, s, b, False), x, v, v) == 2
+  assert triton_calls(lambda x, s, b: ln_grads(x, s, b, True, 8), x, v, v) == 2   # ln2's form
   assert triton_calls(lambda h, b, d: jax.vjp(model_lib.bias_gelu, h, b)[1](d), h, b, h) == 1
   x_ND, w_VD, targets_N = S((32768, 768), jnp.bfloat16), S((50304, 768), jnp.bfloat16), S(
       (32768,), jnp.int32)
