@@ -504,6 +504,9 @@ def measure_loop(config, opts) -> dict:
     out.update(loop_tokens_per_s=loop_tps, loop_steps_timed=steps,
                loop_interval_tokens_per_s_min=min(rates),
                loop_interval_tokens_per_s_max=max(rates),
+               # The median interval: the steady loop, without the interval that follows an
+               # epoch's evaluation and snapshot save (one per epoch, however long the epoch).
+               loop_interval_tokens_per_s_median=statistics.median(rates),
                loop_vs_step=loop_tps / out["tokens_per_s"], loop_wall_s=time.perf_counter() - t,
                loop_status=summary.get("status"))
     return out
@@ -624,7 +627,8 @@ def format_row(row: dict, peak_tflops: float) -> str:
           f"{_gb(row['peak_bytes'])} GiB")
   if "loop_tokens_per_s" in row:
     text += (f"; loop {row['loop_tokens_per_s']:,.0f} tok/s = {100 * row['loop_vs_step']:.1f}% "
-             f"of the bare step over {row['loop_steps_timed']} steps")
+             f"of the bare step over {row['loop_steps_timed']} steps, its median log interval "
+             f"{100 * row['loop_interval_tokens_per_s_median'] / row['tokens_per_s']:.1f}%")
   if "loss_abs_diff" in row:
     text += f"; loss {row['loss']:.5f} vs float32 {row['loss_float32']:.5f}"
   if row.get("gpu_clocks"):

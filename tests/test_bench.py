@@ -127,6 +127,8 @@ def test_loop_compares_the_trainer_with_the_bare_step(corpus, token_cache, tmp_p
   assert row["loop_status"] == "completed" and row["loop_steps_timed"] >= 4
   ratio = row["loop_tokens_per_s"] / row["tokens_per_s"]
   assert row["loop_vs_step"] == pytest.approx(ratio)
+  assert (row["loop_interval_tokens_per_s_min"] <= row["loop_interval_tokens_per_s_median"]
+          <= row["loop_interval_tokens_per_s_max"])
 
 
 def test_save_stall(tmp_path):
