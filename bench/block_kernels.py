@@ -56,15 +56,26 @@ def _max_diff(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_parser(description: str) -> argparse.ArgumentParser:
+  """The block-level benchmarks' common options: the problem's rows, d, ff and the calls per
+  timed window (medium, batch 32 by default)."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--rows", type=int, default=32768)
   p.add_argument("--d", type=int, default=768)
   p.add_argument("--ff", type=int, default=3072)
   p.add_argument("--calls", type=int, default=20, help="calls per timed window")
+  return p
+
+
+def print_problem(args) -> None:
+  print(f"{jax.devices()[0].device_kind}: {args.rows} rows, d {args.d}, ff {args.ff}, bf16")
+
+
+def main(argv=None):
+  p = shape_parser(__doc__.splitlines()[0])
   p.add_argument("--sweep", action="store_true", help="time every block setting in *_SWEEP")
   args = p.parse_args(argv)
-  print(f"{jax.devices()[0].device_kind}: {args.rows} rows, d {args.d}, ff {args.ff}, bf16")
+  print_problem(args)
   k = jax.random.split(jax.random.key(0), 8)
   x, dy, dres = ((3 * jax.random.normal(key, (args.rows, args.d))).astype(jnp.bfloat16)
                  for key in k[:3])

@@ -9,7 +9,6 @@ Prints ms per call (median of 3 windows) and each result's largest difference fr
 arithmetic (gptjax.cublaslt.dgelu_bgrad_reference computed in float32), relative to the result's
 largest magnitude. Needs a CUDA GPU for all but the reference.
 """
-import argparse
 import os
 import sys
 
@@ -23,20 +22,16 @@ xla_flags.set_defaults()   # the step's cuBLASLt flags, before jax touches a dev
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from block_kernels import _max_diff  # noqa: E402
+from block_kernels import _max_diff, print_problem, shape_parser  # noqa: E402
 from gptjax import cublaslt, kernels  # noqa: E402
 from loss_kernels import time_ms  # noqa: E402
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--rows", type=int, default=32768)
-  p.add_argument("--d", type=int, default=768)
-  p.add_argument("--ff", type=int, default=3072)
-  p.add_argument("--calls", type=int, default=20, help="calls per timed window")
+  p = shape_parser(__doc__.splitlines()[0])
   p.add_argument("--algos", type=int, default=4, help="cuBLASLt heuristic ranks to time")
   args = p.parse_args(argv)
-  print(f"{jax.devices()[0].device_kind}: {args.rows} rows, d {args.d}, ff {args.ff}, bf16")
+  print_problem(args)
   k = jax.random.split(jax.random.key(0), 3)
   dy = jax.random.normal(k[0], (args.rows, args.d)).astype(jnp.bfloat16)
   w = (0.02 * jax.random.normal(k[1], (args.d, args.ff))).astype(jnp.bfloat16)

@@ -343,16 +343,17 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x_ND, *, deterministic: bool):
-    """Rows (B*T, D) in and out; on the gelu_mlp path (fused_mlp_backward) x has LayerNorm's
-    BIAS_COLUMNS appended."""
+    """Rows (B*T, D) in and out. Rows with LayerNorm's bias columns appended (as Block gives
+    them where fused_mlp_backward) run as gelu_mlp, b1 as w1's bias row."""
     cfg = self.config
     fc_init, proj_init = _init(0.02), _init(0.02 / math.sqrt(2 * cfg.num_layers))
-    if fused_mlp_backward(cfg.dtype, cfg.d_ff):
+    bias_columns = x_ND.shape[-1] - cfg.d_model
+    if bias_columns:
       w1_KF, b1_F = DenseParams(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(
           cfg.d_model)
       w2_FD, b2_D = DenseParams(cfg.d_model, dtype=cfg.dtype, kernel_init=proj_init,
                                 name="proj")(cfg.d_ff)
-      w1_KF = with_bias_row(w1_KF, b1_F, x_ND.shape[-1] - cfg.d_model)
+      w1_KF = with_bias_row(w1_KF, b1_F, bias_columns)
       y_ND = gelu_mlp(x_ND.astype(cfg.dtype), w1_KF, w2_FD) + b2_D
     else:
       h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(x_ND)
