@@ -124,6 +124,15 @@ def _tokenize_to_cache(dataset, split, tokenizer, max_samples, bin_path, meta_pa
   os.replace(meta_path + ".tmp", meta_path)
 
 
+def fingerprint(tokens: np.ndarray) -> str:
+  """'sha256:<hex>' of a split's token ids as stored: the identity of the data a run trains on."""
+  digest = hashlib.sha256()
+  flat = np.asarray(tokens).reshape(-1)
+  for start in range(0, len(flat), 1 << 24):  # 16M ids a slice: bounded memory for any size
+    digest.update(np.ascontiguousarray(flat[start:start + (1 << 24)]).tobytes())
+  return f"sha256:{digest.hexdigest()}"
+
+
 class TrainWindows:
   """Shuffled, non-overlapping windows of `seq_len + 1` tokens; the order depends on (seed, epoch).
 
