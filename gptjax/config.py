@@ -1,14 +1,18 @@
 """Training configuration: every field with its default and one-line help, presets, validation.
 
-This is the one place that knows the allowed values. `configs/*.py` start from `base_config()`
-and change only what their preset changes.
+This is the one place that knows the allowed values. The presets, `gptjax/configs/*.py` (also
+`configs/` at the repository root), start from `base_config()` and change only what their preset
+changes. They and the embedded data (`gptjax/assets/`) ship inside the package, so an installed
+gptjax finds them from any folder.
 """
 import os
 
 import ml_collections
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS_DIR = os.path.join(PROJECT_ROOT, "configs")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
+# A WikiText-2 excerpt shipped with the package (assets/sample/README.md): the offline default.
+SAMPLE_DIR = os.path.join(PACKAGE_DIR, "assets", "sample")
 PRESETS = ("tiny", "small", "medium")
 HUB_DATASETS = {"wikitext": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
 TOKENIZERS = {"gpt2": "gpt2", "gpt4": "cl100k_base", "gpt4o": "o200k_base"}
@@ -61,6 +65,8 @@ FIELDS = {
     "resume": (False, "resume from the newest complete snapshot of the run directory"),
     "checkpoint_file": ("", "resume from this snapshot directory"),
     "yes": (False, "do not ask before loading a snapshot"),
+    "allow_data_change": (False, "resume even though the tokenized data differs from the "
+                          "snapshot's (another --dataset, or its files changed)"),
     # monitoring
     "gradient_monitor": (False, "per-layer gradient norms, global norm before/after clipping"),
     "gradient_monitor_interval": (100, "steps between gradient-monitor reports"),

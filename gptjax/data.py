@@ -5,6 +5,7 @@ through HF `datasets` (the `text` builder for folders), so everything after load
 Each split is tokenized once into a flat binary file of ids (uint16 when the vocabulary fits,
 like nanoGPT's `prepare.py`) and memory-mapped afterwards. Nothing here knows about the model.
 """
+import functools
 import hashlib
 import json
 import os
@@ -22,15 +23,51 @@ _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 _ROWS_PER_CHUNK = 2048
 
 
+# GPT-2's vocabulary as openai/gpt-2 published it, shipped in the package (assets/gpt2/README.md),
+# with the sha256 that tiktoken pins for these two files (tiktoken_ext/openai_public.py, gpt2).
+GPT2_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "gpt2")
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+@functools.cache
+def _embedded_gpt2() -> tiktoken.Encoding:
+  """tiktoken's gpt2 encoding built from the embedded files: no network, no cache directory."""
+  import tiktoken.load
+  from tiktoken_ext import openai_public
+
+  saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+  # '' turns tiktoken's file cache off: it would copy the local files into it (and raise where a
+  # TIKTOKEN_CACHE_DIR is read-only).
+  os.environ["TIKTOKEN_CACHE_DIR"] = ""
+  try:
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(GPT2_VOCAB_DIR, "vocab.bpe"),
+        encoder_json_file=os.path.join(GPT2_VOCAB_DIR, "encoder.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256)
+  finally:
+    if saved is None:
+      del os.environ["TIKTOKEN_CACHE_DIR"]
+    else:
+      os.environ["TIKTOKEN_CACHE_DIR"] = saved
+  return tiktoken.Encoding(name="gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+                           special_tokens={openai_public.ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
 def get_tokenizer(name: str) -> tiktoken.Encoding:
+  """The tiktoken encoding of a TOKENIZERS name: gpt2 from the package's own files, the others
+  through tiktoken (downloaded once, or found in TIKTOKEN_CACHE_DIR)."""
   if name not in TOKENIZERS:
     raise ConfigError(f"tokenizer: unknown tokenizer {name!r}; allowed: {', '.join(TOKENIZERS)}")
+  if name == "gpt2":
+    return _embedded_gpt2()
   try:
     return tiktoken.get_encoding(TOKENIZERS[name])
   except Exception as e:  # tiktoken fetches its vocabulary over the network when not cached
     raise ConfigError(
         f"tokenizer: cannot load the {TOKENIZERS[name]} vocabulary ({type(e).__name__}); offline, "
-        "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files") from None
+        "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files, or use --tokenizer gpt2 "
+        "(shipped with gptjax)") from None
 
 
 def token_dtype(n_vocab: int):

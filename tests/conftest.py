@@ -1,17 +1,14 @@
-"""Shared fixtures: a small real-text corpus cut from ../shared/data/wikitext-2-local and a
-shrunken config that trains on it in seconds on the CPU."""
+"""Shared fixtures: a small real-text corpus cut from the embedded one (gptjax/assets/sample) and
+a shrunken config that trains on it in seconds on the CPU. Nothing outside the repository is read."""
 import glob
 import os
 import struct
 
 import pytest
 
-from gptjax.config import base_config
+from gptjax.config import SAMPLE_DIR, base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIKITEXT = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2-local")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR",
-                      os.path.join(os.path.dirname(REPO), "shared", "data", "tiktoken_cache"))
 
 
 def _head(src, dst, n_lines):
@@ -26,9 +23,9 @@ def corpus(tmp_path_factory):
   """A local dataset folder: ~25K training tokens, ~2-5K validation and test tokens."""
   folder = tmp_path_factory.mktemp("corpus") / "wt2small"
   folder.mkdir()
-  _head(os.path.join(WIKITEXT, "train.txt"), folder / "train.txt", 520)
-  _head(os.path.join(WIKITEXT, "valid.txt"), folder / "valid.txt", 50)
-  _head(os.path.join(WIKITEXT, "test.txt"), folder / "test.txt", 50)
+  _head(os.path.join(SAMPLE_DIR, "train.txt"), folder / "train.txt", 520)
+  _head(os.path.join(SAMPLE_DIR, "valid.txt"), folder / "valid.txt", 50)
+  _head(os.path.join(SAMPLE_DIR, "test.txt"), folder / "test.txt", 50)
   return str(folder)
 
 

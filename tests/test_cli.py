@@ -25,8 +25,6 @@ from gptjax.config import ConfigError
 from gptjax.model import ModelConfig, count_params, padded_vocab_size
 from conftest import REPO, read_run_log
 
-GUIDE = os.path.join(os.path.dirname(REPO), "shared", "spec", "TRAINING_GUIDE.md")
-
 
 def parse(*args):
   config, explicit, actions, _ = cli.parse(["train", *args])
