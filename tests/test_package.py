@@ -15,19 +15,24 @@ from conftest import REPO
 
 
 def test_package_data_covers_every_shipped_file():
-  """pyproject.toml's package-data globs match every file of the folders a non-editable install
-  must carry (a file they missed would be absent from an installed gptjax)."""
+  """pyproject.toml's package discovery and package-data globs take every file of the folders a
+  non-editable install must carry (a file they missed would be absent from an installed gptjax)."""
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-    globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["gptjax"]
+    setuptools_config = tomllib.load(f)["tool"]["setuptools"]
+  (include,) = setuptools_config["packages"]["find"]["include"]
+  globs = setuptools_config["package-data"]["*"] + ["*.py"]
   package = config_lib.PACKAGE_DIR
   shipped = []
   for folder in ("configs", "assets", "csrc"):
     for root, dirs, files in os.walk(os.path.join(package, folder)):
       dirs[:] = [d for d in dirs if d != "__pycache__"]
-      shipped += [os.path.relpath(os.path.join(root, f), package) for f in files]
-  assert {"configs/tiny.py", "assets/sample/train.txt", "assets/gpt2/vocab.bpe"} <= set(shipped)
+      shipped += [os.path.relpath(os.path.join(root, f), os.path.dirname(package)) for f in files]
+  assert {"gptjax/configs/tiny.py", "gptjax/assets/sample/train.txt",
+          "gptjax/assets/gpt2/vocab.bpe"} <= set(shipped)
   for path in shipped:
-    assert any(fnmatch.fnmatch(path, g) and path.count("/") == g.count("/") for g in globs), path
+    folder, name = os.path.split(path)
+    assert fnmatch.fnmatch(folder.replace(os.sep, "."), include), path
+    assert any(fnmatch.fnmatch(name, g) for g in globs), path
   for preset in config_lib.PRESETS + ("default",):
     assert os.path.isfile(os.path.join(config_lib.CONFIGS_DIR, f"{preset}.py"))
 
