@@ -110,6 +110,7 @@ def check(config, explicit: frozenset = frozenset()):
   Returns find_resume_snapshot's answer."""
   resume = find_resume_snapshot(config, config_lib.output_dir(config), explicit)
   config_lib.validate(config)
+  data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir)
   if resume:  # rotation keeps the highest steps: the resumed run's own snapshots would go first
     snap_dir = os.path.join(config_lib.output_dir(config), "snapshots")
     newer = [s for s in checkpoint.complete_steps(snap_dir) if s > resume[1]]

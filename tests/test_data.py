@@ -1,8 +1,10 @@
 """Data: the token cache, windows that cover a split without overlap, a seeded epoch order."""
+import json
 import os
 
 import numpy as np
 import pytest
+import tiktoken
 
 from gptjax import data
 from gptjax.config import ConfigError
@@ -24,14 +26,30 @@ def test_token_cache_round_trip(corpus, tmp_path):
   assert first[-1] == enc.eot_token
 
 
+def test_cache_meta_holds_the_fingerprint_of_its_ids(corpus, tmp_path):
+  tokens = data.load_tokens(corpus, "test", "gpt2", cache_dir=str(tmp_path), log=lambda m: None)
+  (meta_name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+  with open(tmp_path / meta_name) as f:
+    meta = json.load(f)
+  assert meta["fingerprint"] == data.fingerprint(tokens)  # written with the ids, checked on load
+  assert meta["n_tokens"] == len(tokens) and meta["n_vocab"] == 50257
+
+
 def test_cache_key_separates_tokenizer_and_max_samples(corpus):
   keys = {data.cache_key(corpus, "train", t, n) for t in ("gpt2", "gpt4") for n in (0, 10)}
   assert len(keys) == 4
 
 
-def test_large_vocabulary_uses_uint32(corpus, tmp_path):
+def test_large_vocabulary_uses_uint32(corpus, tmp_path, monkeypatch):
+  # gpt4o's 200K ids need 32 bits, but its vocabulary is a download: gpt2's, end-of-text at 70000.
+  gpt2 = data.get_tokenizer("gpt2")
+  large = tiktoken.Encoding(name="large", pat_str=gpt2._pat_str,
+                            mergeable_ranks=gpt2._mergeable_ranks,
+                            special_tokens={"<|endoftext|>": 70000})
+  monkeypatch.setattr(data, "get_tokenizer", lambda name: large)
   tokens = data.load_tokens(corpus, "test", "gpt4o", cache_dir=str(tmp_path), log=lambda m: None)
   assert tokens.dtype == np.uint32
+  assert tokens[-1] == 70000  # above 16 bits, kept
 
 
 def test_windows_cover_the_split_without_overlap():
