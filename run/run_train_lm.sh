@@ -7,8 +7,10 @@
 # foreground (bash shape checks, then `python -m gptjax.train ... --check_only`), and only
 # then starts training with nohup. Run `./run/run_train_lm.sh --help` for the options.
 #
-# Exit codes: 0 started (or --help), 2 bad option/value (nothing started),
-#             1 environment problem (no python, trainer import failure; nothing started).
+# Exit codes: 0 started, or finished within the first seconds (or --help),
+#             2 bad option/value (nothing started),
+#             1 environment problem (no python, trainer import failure; nothing started),
+#               or the run failed within its first seconds (its log's last lines are printed).
 set -euo pipefail
 
 PROG="run_train_lm.sh"
@@ -25,6 +27,7 @@ DEF_MONITOR_INTERVAL=10000
 DEF_SANITY_CHECK_INTERVAL=10000
 PRESETS="tiny small medium"
 HUB_DATASETS="wikitext wikitext-103"
+STARTUP_WATCH_S=5   # a run that ends this soon after nohup is reported, not left to the log
 
 usage() {
   cat <<EOF
@@ -51,7 +54,7 @@ Options:
                               e.g. -- --max_samples 100 --d_model 64 --output_dir DIR
                               (see: python -m gptjax.train --help)
 
-Runs:
+Runs (a new run; a resumed one gets only what you typed, see Resuming):
   python -m gptjax.train [--model_preset P] --dataset D --epochs N --batch_size N --lr X
       --warmup_steps N --snapshot_interval N --gradient_monitor --gradient_monitor_interval N
       --weight_monitor --weight_monitor_interval N --sanity_check_interval N
@@ -61,14 +64,25 @@ Output directory: result/lm_{dataset name} in the project root (a dataset folder
 name), unless --output_dir is given after --. The log is DIR/logs/train_TIMESTAMP.log,
 e.g. train_2026FEB15_215234_GMT+00.log.
 
+Resuming: pass -- --resume --yes (or -- --checkpoint_file PATH --yes; any spelling the trainer
+accepts, e.g. --resume=true, --config.resume). A resumed run gets only the options you typed,
+wrapper options included: the trainer takes everything else from the snapshot, so the defaults
+above apply to new runs only. Without --dataset or --output_dir the output directory is still
+result/lm_${DEF_DATASET}: give the same --dataset (or --output_dir) as the run you resume.
+
+Before starting, \`--check_only\` validates the options, the dataset's files, the tokenizer and
+the snapshot to resume. After starting, the launcher watches the run for ${STARTUP_WATCH_S} s: a run that
+fails in that time (e.g. a snapshot that does not restore) is reported with its log's last
+lines, exit 1; one that finishes in that time, exit 0.
+
 Python: \$PYTHON if set, else the project's .venv/ or venv/ python, else python3.
-Training runs without a terminal: to resume, pass -- --resume --yes.
 
 Examples:
   ./run/run_train_lm.sh --preset small
   ./run/run_train_lm.sh --preset tiny --dataset wikitext --epochs 10
   ./run/run_train_lm.sh --preset small --warmup 4000 --lr 6e-4 --snapshot 5000
   ./run/run_train_lm.sh --preset tiny -- --max_samples 100 --d_model 64
+  ./run/run_train_lm.sh --dataset wikitext -- --resume --yes
 EOF
 }
 
@@ -121,6 +135,7 @@ SNAPSHOT="$DEF_SNAPSHOT"
 MONITOR_INTERVAL="$DEF_MONITOR_INTERVAL"
 SANITY_CHECK_INTERVAL="$DEF_SANITY_CHECK_INTERVAL"
 PASSTHROUGH=()
+declare -A TYPED=()   # the wrapper options given on the command line
 
 while [[ $# -gt 0 ]]; do
   arg="$1"
@@ -164,6 +179,7 @@ while [[ $# -gt 0 ]]; do
     monitor_interval) MONITOR_INTERVAL="$val" ;;
     sanity_check_interval) SANITY_CHECK_INTERVAL="$val" ;;
   esac
+  TYPED[$opt]=1
 done
 
 # ----------------------------------------------------------------------------- shape checks
@@ -191,49 +207,71 @@ need_nonneg_int sanity_check_interval "$SANITY_CHECK_INTERVAL"
 
 DATASET="$(resolve_dataset "$DATASET")"
 
-# Trainer flags after `--`: make path values usable from the project root, and note the
-# values that decide the output directory / log file (argparse: the last one wins).
+is_true() {  # absl's spellings of a true boolean
+  case "${1,,}" in true|t|1) return 0 ;; *) return 1 ;; esac
+}
+
+# Trainer flags after `--`, in every spelling absl accepts (-x, --x, --config.x; =VALUE or a
+# separate VALUE): make path values usable from the project root, and note the values that
+# decide the output directory / log file and whether this is a resume (the last one wins).
 USER_OUTPUT_DIR=""
 USER_LOG_FILE=""
 EFFECTIVE_DATASET="$DATASET"
-if [[ ${#PASSTHROUGH[@]} -gt 0 ]]; then
-  for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
-    a="${PASSTHROUGH[$i]}"
-    case "$a" in
-      --dataset|--output_dir|--log_file|--checkpoint_file|--data_cache_dir)
-        [[ $((i + 1)) -lt ${#PASSTHROUGH[@]} ]] || die 2 "trainer option ${a} needs a value"
-        name="${a#--}"
-        v="${PASSTHROUGH[$((i + 1))]}"
-        j=$((i + 1))
-        eq=0
-        ;;
-      --dataset=*|--output_dir=*|--log_file=*|--checkpoint_file=*|--data_cache_dir=*)
-        name="${a%%=*}"
-        name="${name#--}"
-        v="${a#*=}"
-        j=$i
-        eq=1
-        ;;
-      *)
-        continue
-        ;;
-    esac
-    if [[ "$name" == dataset ]]; then
-      v="$(resolve_dataset "$v")"
-      EFFECTIVE_DATASET="$v"
-    else
-      v="$(from_caller "$v")"
-    fi
-    [[ "$name" == output_dir ]] && USER_OUTPUT_DIR="$v"
-    [[ "$name" == log_file ]] && USER_LOG_FILE="$v"
-    if [[ $eq -eq 1 ]]; then
-      PASSTHROUGH[$j]="--${name}=${v}"
-    else
-      PASSTHROUGH[$j]="$v"
-      i=$j
-    fi
-  done
-fi
+RESUME_FLAG=0
+CHECKPOINT_FILE=""
+for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
+  a="${PASSTHROUGH[$i]}"
+  [[ "$a" == -?* ]] || continue
+  flag="${a%%=*}"
+  name="${flag#-}"
+  name="${name#-}"
+  case "$name" in
+    resume|config.resume)
+      if [[ "$a" == *=* ]]; then
+        is_true "${a#*=}" && RESUME_FLAG=1 || RESUME_FLAG=0
+      else
+        RESUME_FLAG=1
+      fi
+      continue
+      ;;
+    noresume|noconfig.resume)
+      RESUME_FLAG=0
+      continue
+      ;;
+    dataset|output_dir|log_file|checkpoint_file|data_cache_dir) ;;
+    config.dataset|config.output_dir|config.checkpoint_file|config.data_cache_dir)
+      name="${name#config.}"
+      ;;
+    *)
+      continue
+      ;;
+  esac
+  if [[ "$a" == *=* ]]; then
+    j=$i
+    v="${a#*=}"
+  else
+    [[ $((i + 1)) -lt ${#PASSTHROUGH[@]} ]] || die 2 "trainer option ${a} needs a value"
+    j=$((i + 1))
+    v="${PASSTHROUGH[$j]}"
+  fi
+  if [[ "$name" == dataset ]]; then
+    v="$(resolve_dataset "$v")"
+    EFFECTIVE_DATASET="$v"
+  else
+    v="$(from_caller "$v")"
+  fi
+  [[ "$name" == output_dir ]] && USER_OUTPUT_DIR="$v"
+  [[ "$name" == log_file ]] && USER_LOG_FILE="$v"
+  [[ "$name" == checkpoint_file ]] && CHECKPOINT_FILE="$v"
+  if [[ $j -eq $i ]]; then
+    PASSTHROUGH[$j]="${flag}=${v}"
+  else
+    PASSTHROUGH[$j]="$v"
+    i=$j
+  fi
+done
+RESUME=0
+[[ $RESUME_FLAG -eq 1 || -n "$CHECKPOINT_FILE" ]] && RESUME=1
 
 # ----------------------------------------------------------------------------- environment
 cd "$PROJECT_ROOT"
@@ -273,11 +311,12 @@ if [[ -n "$USER_LOG_FILE" ]]; then
   LOG_FILE="$USER_LOG_FILE"
 else
   TIMESTAMP="$(LC_ALL=C date -u +%Y%b%d_%H%M%S | tr '[:lower:]' '[:upper:]')_GMT+00"
-  LOG_FILE="${OUTPUT_DIR}/logs/train_${TIMESTAMP}.log"
-  n=1
-  while [[ -e "$LOG_FILE" ]]; do   # two launches in the same second
-    LOG_FILE="${OUTPUT_DIR}/logs/train_${TIMESTAMP}_${n}.log"
-    n=$((n + 1))
+  LOG_STEM="${OUTPUT_DIR}/logs/train_${TIMESTAMP}"
+  LOG_N=0
+  LOG_FILE="${LOG_STEM}.log"
+  while [[ -e "$LOG_FILE" ]]; do   # an earlier launch in the same second
+    LOG_N=$((LOG_N + 1))
+    LOG_FILE="${LOG_STEM}_${LOG_N}.log"
   done
 fi
 
@@ -286,21 +325,21 @@ abs_path() {  # absolute form of a path relative to the project root (for the pr
 }
 
 # ----------------------------------------------------------------------------- command
+# A new run gets the launcher's defaults; a resumed one only what the user typed, so that the
+# trainer takes everything else from the snapshot instead of taking our defaults as the user's.
+given() { [[ $RESUME -eq 0 || -n "${TYPED[$1]:-}" ]]; }
 CMD=("$PY" -m gptjax.train)
 [[ -n "$PRESET" ]] && CMD+=(--model_preset "$PRESET")
-CMD+=(
-  --dataset "$DATASET"
-  --epochs "$EPOCHS"
-  --batch_size "$BATCH_SIZE"
-  --lr "$LR"
-  --warmup_steps "$WARMUP"
-  --snapshot_interval "$SNAPSHOT"
-  --gradient_monitor
-  --gradient_monitor_interval "$MONITOR_INTERVAL"
-  --weight_monitor
-  --weight_monitor_interval "$MONITOR_INTERVAL"
-  --sanity_check_interval "$SANITY_CHECK_INTERVAL"
-)
+given dataset && CMD+=(--dataset "$DATASET")
+given epochs && CMD+=(--epochs "$EPOCHS")
+given batch_size && CMD+=(--batch_size "$BATCH_SIZE")
+given lr && CMD+=(--lr "$LR")
+given warmup && CMD+=(--warmup_steps "$WARMUP")
+given snapshot && CMD+=(--snapshot_interval "$SNAPSHOT")
+given monitor_interval && CMD+=(
+  --gradient_monitor --gradient_monitor_interval "$MONITOR_INTERVAL"
+  --weight_monitor --weight_monitor_interval "$MONITOR_INTERVAL")
+given sanity_check_interval && CMD+=(--sanity_check_interval "$SANITY_CHECK_INTERVAL")
 [[ ${#PASSTHROUGH[@]} -gt 0 ]] && CMD+=("${PASSTHROUGH[@]}")
 CMD+=(--output_dir "$OUTPUT_DIR" --log_file "$LOG_FILE")
 
@@ -321,7 +360,18 @@ if [[ $CHECK_RC -ne 0 ]]; then
 fi
 
 # ----------------------------------------------------------------------------- launch
-mkdir -p "$(dirname -- "$LOG_FILE")"
+mkdir -p "$(dirname -- "$LOG_FILE")" 2>/dev/null \
+  || die 1 "cannot create the log folder $(abs_path "$(dirname -- "$LOG_FILE")")"
+if [[ -z "$USER_LOG_FILE" ]]; then
+  # Taken atomically (noclobber creates with O_EXCL): two launches in one second, even at once,
+  # get two files.
+  until (set -o noclobber; : >"$LOG_FILE") 2>/dev/null; do
+    [[ -e "$LOG_FILE" ]] || die 1 "cannot create the log file $(abs_path "$LOG_FILE")"
+    LOG_N=$((LOG_N + 1))
+    LOG_FILE="${LOG_STEM}_${LOG_N}.log"
+  done
+  CMD[${#CMD[@]}-1]="$LOG_FILE"
+fi
 {
   printf '# %s: started %s in %s\n' "$PROG" "$(date -u '+%Y-%m-%d %H:%M:%S UTC')" "$PROJECT_ROOT"
   printf '# command:'
@@ -331,16 +381,49 @@ mkdir -p "$(dirname -- "$LOG_FILE")"
 nohup "${CMD[@]}" >>"$LOG_FILE" 2>&1 </dev/null &
 PID=$!
 
+# What --check_only cannot see (a snapshot that does not restore, a tokenizer download, memory)
+# fails in the first seconds: watch for it, so that a dead run is not reported as started.
+micros() {  # EPOCHREALTIME from bash 5 on, its separator following the locale
+  local now="${EPOCHREALTIME:-$(date +%s.%6N)}"
+  printf '%s' "${now//[!0-9]/}"
+}
+deadline=$(($(micros) + STARTUP_WATCH_S * 1000000))
+while kill -0 "$PID" 2>/dev/null && [[ $(micros) -lt $deadline ]]; do
+  sleep 0.1
+done
+STATUS=""
+if ! kill -0 "$PID" 2>/dev/null; then
+  set +e
+  wait "$PID"
+  STATUS=$?
+  set -e
+fi
+
 LOG_ABS="$(abs_path "$LOG_FILE")"
 OUT_ABS="$(abs_path "$OUTPUT_DIR")"
-echo "Training started in the background."
+if [[ -n "$STATUS" && "$STATUS" -ne 0 ]]; then
+  {
+    echo "${PROG}: error: training exited with status ${STATUS} within ${STARTUP_WATCH_S} s of starting; the log ends:"
+    { grep -v '^# \|^nohup: ' "$LOG_FILE" || true; } | sed -e '/^[[:space:]]*$/d' | tail -n 15 \
+      | sed -e 's/^/    /'
+    echo "  Log: ${LOG_ABS}"
+  } >&2
+  exit 1
+fi
+if [[ -n "$STATUS" ]]; then
+  echo "Training finished within ${STARTUP_WATCH_S} s of starting (exit status 0)."
+else
+  echo "Training started in the background."
+fi
 echo "  PID:        ${PID}"
 echo "  Log:        ${LOG_ABS}"
 echo "  Output dir: ${OUT_ABS}"
 printf '  Command:   '
 printf ' %q' "${CMD[@]}"
 printf '\n\n'
-echo "Follow the log:      tail -f $(printf '%q' "$LOG_ABS")"
-echo "Check the process:   ps -p ${PID}"
-echo "Stop training:       kill ${PID}"
+if [[ -z "$STATUS" ]]; then
+  echo "Follow the log:      tail -f $(printf '%q' "$LOG_ABS")"
+  echo "Check the process:   ps -p ${PID}"
+  echo "Stop training:       kill ${PID}"
+fi
 echo "TensorBoard:         tensorboard --logdir $(printf '%q' "${OUT_ABS}/tensorboard")"

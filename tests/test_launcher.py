@@ -23,7 +23,6 @@ from conftest import REPO
 
 LAUNCHER = os.path.join(REPO, "run", "run_train_lm.sh")
 TRAINER = os.path.join(REPO, "gptjax", "train.py")
-LOCAL_DATASET = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "wikitext-2-local"))
 REAL_RUN_TIMEOUT_S = float(os.environ.get("GPTJAX_LAUNCHER_TEST_TIMEOUT", "120"))
 
 OPTIONS = {  # wrapper option -> default shown by --help
@@ -44,7 +43,8 @@ needs_trainer = pytest.mark.skipif(not os.path.isfile(TRAINER),
                                    reason="gptjax/train.py (the Python trainer) does not exist yet")
 
 # Stands in for the Python interpreter: `stub -m gptjax.train ARGS...`. It appends one JSON
-# line per call to $FAKE_RECORD; with --check_only it fails when $FAKE_CHECK_RC is set.
+# line per call to $FAKE_RECORD; with --check_only it fails when $FAKE_CHECK_RC is set; the run
+# itself sleeps $FAKE_SLEEP seconds, or fails at once when $FAKE_RUN_RC is set.
 STUB = r'''
 import json, os, sys, time
 args = sys.argv[1:]
@@ -60,6 +60,10 @@ if rec["check_only"]:
     print("some warning on stdout")
     print("model_preset: 'x' is not allowed; allowed: tiny, small, medium", file=sys.stderr)
   sys.exit(rc)
+if os.environ.get("FAKE_RUN_RC"):
+  print("Restoring snapshot result/x/snapshots/snapshot_5 ...")
+  print("error: checkpoint_file: cannot restore snapshot_5 (ValueError)", file=sys.stderr)
+  sys.exit(int(os.environ["FAKE_RUN_RC"]))
 print("step 1 | loss 10.0")
 print("warning on stderr", file=sys.stderr)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
@@ -69,7 +73,8 @@ print("Final model saved to somewhere")
 
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("PYTHON", "TIKTOKEN_CACHE_DIR", "FAKE_RECORD", "FAKE_CHECK_RC", "FAKE_SLEEP")}
+         if k not in ("PYTHON", "TIKTOKEN_CACHE_DIR", "FAKE_RECORD", "FAKE_CHECK_RC", "FAKE_SLEEP",
+                      "FAKE_RUN_RC")}
   env.update(extra)
   return env
 
@@ -332,21 +337,73 @@ def test_relative_output_dir_is_taken_from_caller_cwd(proj):
   assert os.path.isfile(log)
 
 
+# ---------------------------------------------------------------------------------- resume
+
+RESUME_SPELLINGS = [
+    ["--resume"], ["-resume"], ["--resume=true"], ["--resume=T"], ["--resume=1"],
+    ["--config.resume"], ["--config.resume=true"], ["--noresume", "--resume"],
+    ["--checkpoint_file", "/snap/snapshot_5"], ["--checkpoint_file=/snap/snapshot_5"],
+    ["--config.checkpoint_file=/snap/snapshot_5"], ["--config.checkpoint_file", "/snap/snapshot_5"],
+]
+
+
+@pytest.mark.parametrize("spelling", RESUME_SPELLINGS, ids=" ".join)
+def test_resume_passes_only_what_was_typed(proj, spelling):
+  # Issue 20 item 2: a resume got the launcher's lr 3e-4, batch 32, ... as if the user typed them,
+  # and the trainer changed the run to them instead of taking the snapshot's.
+  _, _, train, log = proj.launched(["--", *spelling, "--yes"])
+  out_rel = "result/lm_wikitext-103"  # the default dataset still names the default directory
+  assert train["args"] == ["-m", "gptjax.train", *spelling, "--yes",
+                           "--output_dir", out_rel, "--log_file", os.path.relpath(log, proj.root)]
+
+
+def test_resume_passes_the_wrapper_options_that_were_typed(proj):
+  _, _, train, log = proj.launched(
+      ["--preset", "small", "--dataset", "wikitext", "--lr", "1e-3", "--monitor_interval", "50",
+       "--", "--resume", "--yes"])
+  assert train["args"] == [
+      "-m", "gptjax.train", "--model_preset", "small", "--dataset", "wikitext", "--lr", "1e-3",
+      "--gradient_monitor", "--gradient_monitor_interval", "50",
+      "--weight_monitor", "--weight_monitor_interval", "50", "--resume", "--yes",
+      "--output_dir", "result/lm_wikitext", "--log_file", os.path.relpath(log, proj.root)]
+
+
+@pytest.mark.parametrize("spelling", [["--noresume"], ["--resume=false"], ["--config.resume=0"],
+                                      ["--resume", "--noconfig.resume"], ["--checkpoint_file="]],
+                         ids=" ".join)
+def test_not_a_resume_gets_the_defaults(proj, spelling):
+  _, _, train, log = proj.launched(["--", *spelling])
+  assert train["args"] == _expected_args("result/lm_wikitext-103",
+                                         os.path.relpath(log, proj.root), passthrough=spelling)
+
+
+def test_resume_checkpoint_path_is_taken_from_caller_cwd(proj):
+  _, _, train, _ = proj.launched(["--", "--config.checkpoint_file=snaps/snapshot_5", "--yes"],
+                                 cwd=proj.elsewhere)
+  assert f"--config.checkpoint_file={proj.elsewhere}/snaps/snapshot_5" in train["args"]
+
+
+def test_help_says_a_resume_gets_only_typed_options(tmp_path):
+  r = _run(LAUNCHER, ["--help"], str(tmp_path), _clean_env())
+  text = " ".join(r.stdout.split())
+  assert "A resumed run gets only the options you typed" in text
+  assert "the defaults above apply to new runs only" in text
+  assert "watches the run for 5 s" in text
+
+
 # ------------------------------------------------------------- environment and launching
 
 
-def test_runs_from_any_cwd_and_prints_how_to_follow(proj):
+def test_runs_from_any_cwd_and_logs_the_run(proj):
   stdout, check, train, log = proj.launched(["--preset", "tiny"], cwd=proj.elsewhere)
   for call in (check, train):
     assert call["cwd"] == str(proj.root)
     assert call["env"]["PYTHONPATH"].split(":")[0] == str(proj.root)
     assert call["env"]["TIKTOKEN_CACHE_DIR"] == str(proj.tiktoken)
-  pid = _printed(stdout, "PID")
   out_dir = proj.root / "result" / "lm_wikitext-103"
   assert log.startswith(str(out_dir / "logs") + "/")
-  assert f"tail -f {log}" in stdout
-  assert f"ps -p {pid}" in stdout
-  assert f"kill {pid}" in stdout
+  # the stub ends at once: the launcher says so, not "started"
+  assert stdout.startswith("Training finished within 5 s of starting (exit status 0).")
   assert f"tensorboard --logdir {out_dir}/tensorboard" in stdout
   # stdout and stderr of the background process both went to the log, after a header
   text = open(log).read()
@@ -354,6 +411,38 @@ def test_runs_from_any_cwd_and_prints_how_to_follow(proj):
   assert "warning on stderr" in text
   assert "Final model saved to" in text
   assert sorted(os.listdir(out_dir / "logs")) == [os.path.basename(log)]
+
+
+def test_a_running_run_is_reported_started_with_how_to_follow(proj):
+  r = proj.run(["--preset", "tiny"], FAKE_SLEEP="60")
+  pid = int(_printed(r.stdout, "PID"))
+  try:
+    assert r.returncode == 0, r.stderr
+    assert not _ended(pid)  # still running after the launcher's 5 s watch
+    log = _printed(r.stdout, "Log")
+    assert r.stdout.startswith("Training started in the background.")
+    assert f"tail -f {log}" in r.stdout
+    assert f"ps -p {pid}" in r.stdout
+    assert f"kill {pid}" in r.stdout
+  finally:
+    if not _ended(pid):
+      os.kill(pid, signal.SIGTERM)
+
+
+def test_a_run_that_dies_at_once_is_reported_exit_1(proj):
+  # Issue 20 item 10: this run was reported as "Training started" and left to its log.
+  out = proj.tmp / "out"
+  r = proj.run(["--", "--resume", "--yes", "--output_dir", str(out)], FAKE_RUN_RC="2")
+  assert r.returncode == 1, (r.stdout, r.stderr)
+  assert r.stdout == ""
+  lines = r.stderr.strip().splitlines()
+  assert lines[0] == ("run_train_lm.sh: error: training exited with status 2 within 5 s of "
+                      "starting; the log ends:")
+  assert "    error: checkpoint_file: cannot restore snapshot_5 (ValueError)" in lines
+  (log,) = glob.glob(str(out / "logs" / "train_*.log"))
+  assert lines[-1] == f"  Log: {log}"
+  assert "cannot restore snapshot_5" in open(log).read()  # the log is kept
+  assert [c["check_only"] for c in proj.calls()] == [True, False]
 
 
 def test_existing_tiktoken_cache_dir_is_kept(proj):
@@ -386,6 +475,23 @@ def test_two_launches_in_one_second_get_two_logs(proj):
   assert all(os.path.isfile(l) for l in logs)
 
 
+def test_two_launches_at_once_get_two_logs(proj):
+  # Issue 20 item 4: two launches in one second chose their log name before either created it.
+  out = proj.tmp / "out"
+  launches = [subprocess.Popen([proj.launcher, "--", "--output_dir", str(out)],
+                               cwd=str(proj.elsewhere), env=proj.env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outputs = [p.communicate(timeout=60) for p in launches]
+  assert [p.returncode for p in launches] == [0, 0, 0], outputs
+  logs = [_printed(stdout, "Log") for stdout, _ in outputs]
+  assert len(set(logs)) == 3
+  for log in logs:  # each log holds one launch: one header, one run
+    text = open(log).read()
+    assert text.count("# run_train_lm.sh: started") == 1 and text.count("step 1 |") == 1, text
+  train_logs = [c["args"][-1] for c in proj.calls() if not c["check_only"]]
+  assert sorted(train_logs) == sorted(logs)
+
+
 # ----------------------------------------------------------------- with the real trainer
 
 
@@ -405,11 +511,28 @@ def test_real_check_only_rejects_before_launch(tmp_path, args):
 
 
 @needs_trainer
-@pytest.mark.skipif(not os.path.isdir(LOCAL_DATASET), reason=f"{LOCAL_DATASET} is missing")
+def test_real_check_only_rejects_a_folder_without_test_txt(tmp_path):
+  # Issue 20 item 10: the launcher said "Training started" and the run died in the background.
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  for name in ("train.txt", "valid.txt"):
+    (folder / name).write_text(" = A heading = \n Some text .\n")
+  out = tmp_path / "out"
+  r = _run(LAUNCHER, ["--dataset", str(folder), "--", "--output_dir", str(out)], str(tmp_path),
+           _clean_env(PYTHON=sys.executable), timeout=120)
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  assert r.stderr.strip().splitlines() == [
+      f"run_train_lm.sh: error: dataset: folder {str(folder)!r} has no test.txt; a dataset folder "
+      "holds train.txt, valid.txt (or validation.txt) and test.txt"]
+  assert not out.exists()
+  assert sorted(os.listdir(folder)) == ["train.txt", "valid.txt"]
+
+
+@needs_trainer
 def test_real_short_background_run(tmp_path, corpus, token_cache):
   out = tmp_path / "out"
-  # A relative folder path, as ../shared/data/wikitext-2-local is in the guide's commands; the
-  # fixture's cut of it keeps the three evaluations of the run short.
+  # A relative folder path, as dataset folders are in the guide's commands; the fixture's small
+  # corpus keeps the three evaluations of the run short.
   dataset = os.path.relpath(corpus, REPO)
   r = _run(LAUNCHER,
            ["--preset", "tiny", "--dataset", dataset, "--epochs", "1", "--",
