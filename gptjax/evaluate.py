@@ -27,6 +27,10 @@ from gptjax.config import HUB_DATASETS, ConfigError, dataset_name
 from gptjax.model import ModelConfig
 
 SPLITS = ("test", "valid", "train")
+
+
+class NonFiniteLoss(RuntimeError):
+  """The model's loss on the split is NaN or infinite (a failed measurement, exit 1)."""
 _FALLBACK_BATCH = 16
 
 
@@ -65,6 +69,8 @@ def load_model(path: str):
                       "(snapshots/snapshot_<step>/)")
   try:
     params, info = checkpoint.load_params(path)
+  except checkpoint.DamagedError as e:
+    raise ConfigError(f"model: {e}") from None
   except ConfigError:
     raise
   except Exception as e:
@@ -99,7 +105,7 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
     raise ConfigError(f"batch_size: {batch_size} is not allowed; must be a positive integer "
                       "(0 = the training run's evaluation batch size)")
   model_config, params, info = load_model(model_path)
-  run = info.get("config", {})  # final models record the run's config; snapshots do not here
+  run = info.get("config", {})  # the run's config, of a final model or a snapshot
   dataset = dataset or info["dataset"]
   if dataset not in HUB_DATASETS and not os.path.isdir(dataset):
     raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, or an "
@@ -112,6 +118,9 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
     raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
   loss = trainer.evaluate(make_eval_step(GPT(model_config)), params, tokens,
                           model_config.max_seq_len, batch_size)
+  if not math.isfinite(loss):
+    raise NonFiniteLoss(f"the loss of {model_path} on the {split} split is {loss}: the weights "
+                       "are finite, so the model overflows on this data")
   n_predicted = len(tokens) - 1
   n_bytes = int(token_bytes(data.get_tokenizer(info["tokenizer"]))[np.asarray(tokens)].sum())
   return {"model": os.path.abspath(model_path), "dataset": dataset, "split": split,
@@ -137,7 +146,12 @@ def _define_flags(fv):
 def run(argv) -> dict:
   """Parses `argv`, evaluates, prints the result (text or one JSON line) and returns it."""
   fv = cli.parse_flags(argv, _define_flags, "python -m gptjax.evaluate --model PATH [options]")
-  result = evaluate_model(fv.model or "", fv.dataset, fv.split, fv.batch_size, fv.data_cache_dir)
+  try:
+    result = evaluate_model(fv.model or "", fv.dataset, fv.split, fv.batch_size,
+                            fv.data_cache_dir)
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if fv.json:
     print(json.dumps(result))
   else:

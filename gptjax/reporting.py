@@ -23,6 +23,16 @@ def format_duration(seconds: float) -> str:
   return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
+def _unused(stem: str) -> str:
+  """`stem.log`, or `stem_1.log`, `stem_2.log`, ...: a run started in the same second as the
+  previous one in this directory never appends to its log."""
+  path, n = f"{stem}.log", 0
+  while os.path.exists(path):
+    n += 1
+    path = f"{stem}_{n}.log"
+  return path
+
+
 class _TqdmHandler(logging.StreamHandler):
   """Console lines that do not tear a progress bar apart."""
 
@@ -35,7 +45,7 @@ class Reporter:
     self.active = jax.process_index() == 0
     self.interactive = sys.stdout.isatty()
     self.stamp = stamp or timestamp()
-    self.log_path = log_file or os.path.join(run_dir, "logs", f"train_{self.stamp}.log")
+    self.log_path = log_file or _unused(os.path.join(run_dir, "logs", f"train_{self.stamp}"))
     self.logger = logging.getLogger(f"gptjax.run.{id(self)}")
     self.logger.setLevel(logging.INFO)
     self.logger.propagate = False

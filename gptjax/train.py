@@ -1,18 +1,43 @@
 """`python -m gptjax.train`: parse the command line, validate, train. See --help, --info, --explain."""
+import errno
 import os
 import sys
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(error: BaseException):
+  """`error` and the errors it was raised from or during."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def disk_full(error: BaseException) -> str | None:
+  """The path (or '') of a write that found the disk full or over quota, else None. Checked
+  before out_of_memory: the storage layer reports a full disk as RESOURCE_EXHAUSTED too."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+      return e.filename or ""
+    if any(m in str(e).lower() for m in ("no space left on device", "disk quota exceeded")):
+      return ""
+  return None
+
+
+def os_error(error: BaseException) -> OSError | None:
+  """The first OSError with a path in `error`'s chain (a file that could not be written or
+  read), else None."""
+  return next((e for e in _chain(error) if isinstance(e, OSError) and e.filename), None)
 
 
 def out_of_memory(error: BaseException) -> bool:
   """XLA's RESOURCE_EXHAUSTED (a jax runtime error, raised when a program is compiled or run,
   maybe wrapped by another error, e.g. an Orbax save) or the host's MemoryError."""
-  while error is not None:
-    text = str(error).lower()
-    if isinstance(error, MemoryError) or any(
-        m in text for m in ("resource_exhausted", "out of memory", "out_of_memory")):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any(isinstance(e, MemoryError) or any(
+      m in str(e).lower() for m in ("resource_exhausted", "out of memory", "out_of_memory"))
+      for e in _chain(error))
 
 
 def main(argv=None) -> int:
@@ -47,6 +72,17 @@ def main(argv=None) -> int:
     from gptjax.trainer import NonFiniteError
     if isinstance(e, NonFiniteError):
       print(f"error: {e}", file=sys.stderr)
+      return 1
+    full = disk_full(e)
+    if full is not None:
+      print(f"error: disk full{f' writing {full}' if full else ''} (output_dir "
+            f"{config.output_dir}); free space, then run the same command with --resume --yes: "
+            "what was saved before is intact", file=sys.stderr)
+      return 1
+    failed_io = os_error(e)
+    if failed_io is not None:
+      print(f"error: {failed_io.strerror or type(failed_io).__name__}: {failed_io.filename}",
+            file=sys.stderr)
       return 1
     if out_of_memory(e):
       print(f"error: out of memory (batch_size {config.batch_size}, max_seq_len "

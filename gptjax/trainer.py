@@ -4,29 +4,42 @@ The loop dispatches step N, then reads step N-1's scalars (one step late, so the
 waits for Python); monitor statistics are read only when their interval is due.
 """
 import dataclasses
+import glob
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
 import time
+import uuid
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
-from gptjax import sharding
+from gptjax import rundir, sharding
 from gptjax import generate
 from gptjax.config import ARCH_FIELDS, ConfigError
 from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
 from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
 
-RUN_FIELDS = ("dataset", "max_samples", "batch_size", "seed")
 # Where and how this invocation runs, not what it trains: never taken from a snapshot.
-INVOCATION_FIELDS = ("resume", "checkpoint_file", "yes", "output_dir", "coordinator_address",
-                     "num_processes", "process_id", "mesh_data", "mesh_fsdp")
+INVOCATION_FIELDS = ("resume", "checkpoint_file", "yes", "allow_data_change", "output_dir",
+                     "coordinator_address", "num_processes", "process_id", "mesh_data",
+                     "mesh_fsdp")
+# What a resumed run may be given anew (logged): its length, how it reports, snapshots and runs.
+# Every other field is the run's identity: given with another value than the snapshot's, an error.
+CHANGEABLE_ON_RESUME = (
+    "epochs", "eval_batch_size", "log_interval", "sample_prompts", "sample_max_new_tokens",
+    "snapshot_interval", "keep_last_n_snapshots", "delete_snapshots_after_training",
+    "gradient_monitor", "gradient_monitor_interval", "grad_vanish_threshold",
+    "grad_explode_threshold", "weight_monitor", "weight_monitor_interval",
+    "weight_monitor_sample_size", "sanity_check_interval", "early_stop_patience",
+    "early_stop_min_delta", "early_stop_overfit_min_delta", "data_cache_dir", "attention",
+    "compute_dtype", "remat")
 # What a snapshot's meta holds; a directory without these is not a gptjax snapshot.
 META_KEYS = ("step", "epoch", "index", "history", "epoch_loss", "early_stop", "config", "model")
 
@@ -66,8 +79,16 @@ def device_description() -> str:
   return f"{kind} ({devices[0].device_kind} x{len(devices)})"
 
 
-def find_resume_snapshot(config, run_dir: str, explicit: frozenset):
-  """(snapshots_dir, step, meta) to resume from, or None; applies the snapshot's run identity."""
+class Resume(NamedTuple):
+  snap_dir: str
+  step: int
+  meta: dict
+  changes: list  # (field, the snapshot's value, this run's), each allowed and logged
+
+
+def find_resume_snapshot(config, run_dir: str, explicit: frozenset) -> Resume | None:
+  """The snapshot to resume from, checked against its manifest, or None; applies the snapshot's
+  run identity to `config`."""
   if config.checkpoint_file:
     snap_dir, step = checkpoint.snapshot_step(config.checkpoint_file)
   else:
@@ -86,38 +107,46 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset):
                         "--output_dir for a new run")
     step = max(steps)
   path = checkpoint.snapshot_path(snap_dir, step)
+  checkpoint.check_snapshot(path)
   meta = checkpoint.read_meta(path)
   missing = [k for k in META_KEYS if k not in meta]
   if missing:
     raise ConfigError(f"checkpoint_file: {path} is not a gptjax snapshot (its meta item lacks "
                       f"{', '.join(missing)})")
   # The resumed run is the same run: every field not given again comes from the snapshot; of
-  # those given, the architecture and the data must agree, run length and the like may change.
+  # those given, only run length and the like may change (logged), and other data if allowed.
+  changeable = CHANGEABLE_ON_RESUME + (("dataset",) if config.allow_data_change else ())
+  changes = []
   for field, value in meta["config"].items():
     if field not in config or field in INVOCATION_FIELDS:
       continue
     if field not in explicit:
       config[field] = value
-    elif field in ARCH_FIELDS + RUN_FIELDS and config[field] != value:
+    elif config[field] != value and field in changeable:
+      changes.append((field, value, config[field]))
+    elif config[field] != value:
+      hint = (" (or --allow_data_change to train on other data)" if field == "dataset" else "")
       raise ConfigError(f"{field}: the snapshot was trained with {field}={value!r} but "
-                        f"{field}={config[field]!r} was given; drop the option to resume")
-  return snap_dir, step, meta
+                        f"{field}={config[field]!r} was given; drop the option to resume"
+                        f"{hint}, or start a new run in another --output_dir")
+  return Resume(snap_dir, step, meta, changes)
 
 
-def check(config, explicit: frozenset = frozenset()):
+def check(config, explicit: frozenset = frozenset()) -> Resume | None:
   """Everything decidable before any data is read, writing nothing (all of `--check_only`):
-  the snapshot to resume (its run identity applied to `config`), then every value.
-  Returns find_resume_snapshot's answer."""
-  resume = find_resume_snapshot(config, config_lib.output_dir(config), explicit)
+  the run directory (made absolute in `config`, free of a running writer), the snapshot to
+  resume (its run identity applied to `config`), then every value."""
+  if config.dataset not in config_lib.HUB_DATASETS and os.path.isdir(config.dataset):
+    config.dataset = os.path.abspath(config.dataset)  # the run's data, wherever it resumes from
+  run_dir = config.output_dir = os.path.abspath(config_lib.output_dir(config))
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise ConfigError(f"output_dir: {run_dir} is a file; give a directory (it is created if "
+                      "missing)")
+  if jax.process_index() == 0:
+    rundir.check_free(run_dir)
+  resume = find_resume_snapshot(config, run_dir, explicit)
   config_lib.validate(config)
   data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir)
-  if resume:  # rotation keeps the highest steps: the resumed run's own snapshots would go first
-    snap_dir = os.path.join(config_lib.output_dir(config), "snapshots")
-    newer = [s for s in checkpoint.complete_steps(snap_dir) if s > resume[1]]
-    if newer:
-      raise ConfigError(f"checkpoint_file: {snap_dir} already holds later snapshots (steps "
-                        f"{', '.join(map(str, newer))}) than step {resume[1]}; continue from it "
-                        "in another --output_dir")
   if resume and not config.yes and not sys.stdin.isatty():
     raise ConfigError("yes: standard input is not a terminal, so loading the snapshot cannot be "
                       "confirmed; add --yes (-y) to resume without asking")
@@ -136,29 +165,40 @@ def confirm_resume(path: str, meta: dict, assume_yes: bool) -> None:
 
 
 class _StopSignal:
-  """SIGTERM/SIGINT set a flag; the loop saves a snapshot and exits at the next step boundary."""
+  """SIGTERM, SIGINT and SIGHUP (a closed terminal) set a flag: training and evaluation stop at
+  the next step or batch, with a snapshot. A second signal stops at once (KeyboardInterrupt);
+  what is on disk stays whole, since every save is atomic."""
 
   def __init__(self):
     self.signum = 0
 
   def __enter__(self):
-    self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    self.previous = {s: signal.signal(s, self._handle)
+                     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     return self
 
   def _handle(self, signum, frame):
+    if self.signum:
+      raise KeyboardInterrupt(f"signal {signum} received twice")
     self.signum = signum
+    print(f"Signal {signum} received: stopping at the next step with a snapshot (send it again "
+          "to stop at once)", file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
     for s, handler in self.previous.items():
       signal.signal(s, handler)
 
 
-def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None) -> float:
-  """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows."""
+def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None,
+             stop=None) -> float | None:
+  """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows.
+  None if `stop` (a _StopSignal) was signalled: it stops at the next batch."""
   rows, put = sharding.batch_feeder(mesh, batch_size) if mesh else (slice(None), jax.device_put)
   batches = (tuple(x[rows] for x in b) for b in data.eval_batches(tokens, seq_len, batch_size))
   loss_sum, count = 0.0, 0.0
   for batch in data.prefetch(batches, put):
+    if stop is not None and stop.signum:
+      return None
     s, n = eval_step(params, *batch)
     loss_sum, count = loss_sum + s, count + n
   return float(loss_sum) / max(float(count), 1.0)
@@ -236,41 +276,88 @@ class StepReader:
             "train/tokens_per_s": tok_s, "train/grad_norm": float(grad_norm)}
 
 
+def final_model_of(run_dir: str, meta: dict) -> str | None:
+  """The final model this run wrote from the state of snapshot `meta`, if there is one."""
+  for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "models", "model_*",
+                                            "model.json"))):
+    try:
+      with open(path) as f:
+        info = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if info.get("step") == meta["step"] and info.get("run_id") == meta.get("run_id"):
+      return os.path.dirname(path)
+  return None
+
+
+def check_same_data(config, resume: Resume, fingerprints: dict) -> None:
+  """Other tokens than the snapshot's (another dataset, or its files edited) are an error unless
+  --allow_data_change; then they are one of the changes the log states."""
+  saved = resume.meta.get("data", {}).get("fingerprints", {})
+  changed = [s for s in data.SPLITS if s in saved and saved[s] != fingerprints[s]]
+  if changed and not config.allow_data_change:
+    raise ConfigError(
+        f"dataset: the {', '.join(changed)} split(s) of {config.dataset} differ from the data the "
+        f"snapshot was trained on (train tokens {saved.get('train', '?')[:19]} then, "
+        f"{fingerprints['train'][:19]} now): its files changed or another dataset is given; "
+        "pass --allow_data_change to resume on this data anyway")
+  resume.changes.extend((f"{s} split", saved[s][:19], fingerprints[s][:19]) for s in changed)
+
+
 def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: str = "") -> dict:
-  """Trains `config` to the end (or to an early stop or a signal); returns a summary dict."""
+  """Trains `config` to the end (or to an early stop or a signal); returns a summary dict.
+  A resumed run whose training is complete but which has no final model yet (a failure or a
+  signal after the last epoch) gets its test evaluation and final model."""
   resume = check(config, explicit)
-  run_dir = config_lib.output_dir(config)  # after check: a snapshot may name the dataset
+  run_dir = config.output_dir  # absolute, after check
   if resume:
-    meta = resume[2]
-    if meta["early_stop"].get("stopped"):
+    meta = resume.meta
+    stopped, done = meta["early_stop"].get("stopped"), meta["epoch"] >= config.epochs
+    model = final_model_of(run_dir, meta) if stopped or done else None
+    if model:
       print(f"This run is finished after epoch {meta['epoch']} (early stop: "
-            f"{meta['early_stop']['reason']}).")
-      return {"finished": True, "step": meta["step"]}
-    if meta["epoch"] >= config.epochs:
-      print(f"This run is finished: {meta['epoch']} of {config.epochs} epochs done; raise "
-            "--epochs to train further.")
-      return {"finished": True, "step": meta["step"]}
-    confirm_resume(checkpoint.snapshot_path(resume[0], resume[1]), meta, config.yes)
+            f"{meta['early_stop']['reason']}); its final model is {model}." if stopped else
+            f"This run is finished: {meta['epoch']} of {config.epochs} epochs done; its final "
+            f"model is {model}. Raise --epochs to train further.")
+      return {"finished": True, "step": meta["step"], "model_path": model}
+    if stopped or done:
+      print("Training of this run is complete, but its final model was never written: "
+            "finishing it (test evaluation, final model).")
+    confirm_resume(checkpoint.snapshot_path(resume.snap_dir, resume.step), meta, config.yes)
 
   splits = {s: data.load_tokens(config.dataset, s, config.tokenizer, config.max_samples,
                                 config.data_cache_dir) for s in data.SPLITS}
   for split, tokens in splits.items():
     if len(tokens) < config.max_seq_len + 1:
-      raise ConfigError(f"max_seq_len: {config.max_seq_len} is longer than the tokenized {split} "
-                        f"split ({len(tokens):,} tokens); lower max_seq_len")
+      raise ConfigError(f"max_seq_len: {config.max_seq_len} is longer than the tokenized "
+                        f"{split} split ({len(tokens):,} tokens); lower max_seq_len")
+  fingerprints = {s: data.fingerprint(t) for s, t in splits.items()}
+  if resume:
+    check_same_data(config, resume, fingerprints)
   windows = data.TrainWindows(splits["train"], config.max_seq_len, config.batch_size, config.seed)
   total_steps = windows.steps_per_epoch * config.epochs
 
-  report = reporting.Reporter(run_dir, log_file)
-  snapshots = checkpoint.Snapshots(os.path.join(run_dir, "snapshots"),
-                                   config.keep_last_n_snapshots)
+  # One writer per run directory from here on; the OS releases the lock however this ends.
+  lock = rundir.RunLock(run_dir) if jax.process_index() == 0 else None
   try:
-    with _StopSignal() as stop:
-      return _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
-                    snapshots)
+    snap_dir = os.path.join(run_dir, "snapshots")
+    # Rotation keeps the highest steps: later snapshots than the one resumed (another future of
+    # this run, or saves that never completed) would delete the resumed run's own first.
+    aside = checkpoint.move_aside(snap_dir, resume.step) if resume and lock else None
+    report = reporting.Reporter(run_dir, log_file)
+    if aside:
+      report.info(f"Snapshots later than step {resume.step} moved aside to {aside}")
+    snapshots = checkpoint.Snapshots(snap_dir, config.keep_last_n_snapshots)
+    try:
+      with _StopSignal() as stop:
+        return _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
+                      snapshots, fingerprints)
+    finally:
+      snapshots.close()  # whatever ended the run, the saves in flight complete first
+      report.close()
   finally:
-    snapshots.close()  # whatever ended the run, the saves in flight complete first
-    report.close()
+    if lock:
+      lock.release()
 
 
 def _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir):
@@ -325,7 +412,7 @@ def build_training(config, n_vocab: int, total_steps: int) -> Training:
 
 
 def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
-           snapshots) -> dict:
+           snapshots, fingerprints) -> dict:
   enc = data.get_tokenizer(config.tokenizer)
   mcfg, model, mesh, rng, state, train_step = build_training(config, enc.n_vocab, total_steps)
   eval_batch = config.eval_batch_size or config.batch_size
@@ -340,6 +427,10 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
 
   resolved = config.to_dict()
   model_meta = model_info(mcfg, config, enc.n_vocab)
+  # The run's identity beside its config: one id from its first start, and the data it reads.
+  run_id = resume.meta.get("run_id") if resume else None
+  run_id = run_id or uuid.uuid4().hex
+  data_meta = {"dataset": config.dataset, "fingerprints": fingerprints}
   for path in (run_dir, snapshots.directory) if jax.process_index() == 0 else ():
     with open(os.path.join(path, "run_config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
@@ -349,11 +440,20 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
   best_params = jax.tree.map(jnp.copy, state.params) if restore_best and not resume else None
   if resume:  # the target gives structure and sharding only: "best" has the params' own
     saved = {"train": state, "best": state.params} if restore_best else {"train": state}
-    restored, meta = checkpoint.restore(checkpoint.snapshot_path(resume[0], resume[1]), saved)
+    path = checkpoint.snapshot_path(resume.snap_dir, resume.step)
+    restored, meta = checkpoint.restore(path, saved)
+    bad = checkpoint.nonfinite_leaves(restored)
+    if bad:
+      raise ConfigError(f"checkpoint_file: {path} holds non-finite values (in "
+                        f"{', '.join(bad[:3])}); it is damaged: resume from an older snapshot "
+                        "with --checkpoint_file")
     state, best_params = restored["train"], restored.get("best")
     epoch, index, history = meta["epoch"], meta["index"], meta["history"]
     stopper = early_stop.EarlyStopState.from_json(meta["early_stop"])
-    report.info(f"Resumed from step {int(state.step)} (epoch {epoch + 1}, batch {index})")
+    report.info(f"Resumed from step {int(state.step)} (epoch {epoch + 1}, batch {index}) of "
+                f"{path}")
+    for field, before, now in resume.changes:
+      report.info(f"Changed on resume: {field} {before!r} -> {now!r}")
 
   _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir)
 
@@ -381,7 +481,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     meta = {"step": step, "epoch": epoch, "index": index, "history": history,
             "time": reporting.timestamp(), "val_loss": val_loss, "early_stop": stopper.to_json(),
             "initial_val_loss": initial_val_loss, "epoch_loss": reader.epoch_loss,
-            "config": resolved, "model": model_meta}
+            "config": resolved, "model": model_meta, "run_id": run_id, "data": data_meta}
     snapshots.save(step, {"train": state, "best": best_params} if restore_best
                    else {"train": state}, meta)
 
@@ -391,7 +491,10 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
 
   if not resume:  # the baseline every later validation is compared with, as nanoGPT's iter 0
     initial_val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len,
-                                eval_batch, mesh)
+                                eval_batch, mesh, stop)
+    if initial_val_loss is None:
+      report.info(f"Stopped by signal {stop.signum} before training; nothing to resume")
+      return {"status": "interrupted", "step": 0, "history": [], "signal": stop.signum}
     report.info(f"Before training | val loss {initial_val_loss:.4f} | "
                 f"val ppl {math.exp(initial_val_loss):.2f}")
     report.scalars(0, {"val/loss": initial_val_loss, "val/perplexity": math.exp(initial_val_loss)})
@@ -399,7 +502,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     initial_val_loss = meta.get("initial_val_loss")
 
   status = "completed"
-  while epoch < config.epochs and status == "completed":
+  while epoch < config.epochs and not stopper.stopped and status == "completed":
     # tok/s counts training steps only, not the evaluation and snapshot before this epoch.
     reader.restart_clock(int(state.step))
     report.start_epoch(epoch + 1, windows.steps_per_epoch, index)
@@ -408,6 +511,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     for batch in batches:
       step = int(state.step) if pending is None else pending[0] + 1
       state, metrics = train_step(state, batch, rng)
+      snapshots.check()  # a save that failed in the background stops the run now
       if pending:
         reader(*pending, epoch)
       pending = (step, metrics)
@@ -427,7 +531,11 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     if status != "completed":
       break
     val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len, eval_batch,
-                        mesh)
+                        mesh, stop)
+    if val_loss is None:  # the epoch's steps are done: the snapshot resumes at its validation
+      snapshot()
+      status = "interrupted"
+      break
     train_loss = reader.take_epoch_loss()
     step = int(state.step)
     stopper, improved = early_stop.update(stopper, config, epoch + 1, val_loss, train_loss)
@@ -449,11 +557,13 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
       break
 
   snapshots.wait()
+  snapshots.check()
   step = int(state.step)
+  resume_hint = (f"Resume with: python -m gptjax.train --output_dir {shlex.quote(run_dir)} "
+                 "--resume --yes")
   if status == "interrupted":
     report.info(f"Stopped by signal {stop.signum} at step {step}; snapshot saved to "
-                f"{snapshots.path(step)}. Resume with: python -m gptjax.train "
-                f"--output_dir {run_dir} --resume --yes")
+                f"{snapshots.path(step)}. {resume_hint}")
     return {"status": status, "step": step, "history": history,
             "signal": stop.signum}
 
@@ -463,11 +573,15 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     report.info(f"Restored the best weights: epoch {stopper.best_epoch} "
                 f"(val loss {stopper.best_val_loss:.4f})")
   test_loss = evaluate(eval_step, final_params, splits["test"], config.max_seq_len, eval_batch,
-                       mesh)
+                       mesh, stop)
+  if test_loss is None:  # the last epoch's snapshot is on disk: a resume finishes the run
+    report.info(f"Stopped by signal {stop.signum} during the test evaluation, before the final "
+                f"model. {resume_hint}")
+    return {"status": "interrupted", "step": step, "history": history, "signal": stop.signum}
   report.info(f"Test loss {test_loss:.4f} | test ppl {math.exp(test_loss):.2f}")
   report.scalars(step, {"test/loss": test_loss, "test/perplexity": math.exp(test_loss)})
   info = dict(model_meta, step=step, epochs=epoch, history=history, test_loss=test_loss,
-              config=resolved)
+              config=resolved, run_id=run_id, data=data_meta)
   model_path = checkpoint.save_model(os.path.join(run_dir, "models"), f"model_{report.stamp}",
                                      final_params, info)
   report.info(f"Final model saved to {model_path}")

@@ -24,7 +24,7 @@ def test_loss_falls_and_outputs_reload(tiny_config):
   assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.5
 
   run = config.output_dir
-  assert sorted(os.listdir(run)) == ["logs", "models", "run_config.json", "tensorboard"]
+  assert sorted(os.listdir(run)) == [".lock", "logs", "models", "run_config.json", "tensorboard"]
   (log_name,) = os.listdir(os.path.join(run, "logs"))
   assert log_name.startswith("train_") and log_name.endswith("_GMT+00.log")
   log = open(os.path.join(run, "logs", log_name)).read()
