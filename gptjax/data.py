@@ -256,19 +256,24 @@ def _tokenize_to_cache(dataset, split, tokenizer, max_samples, bin_path, meta_pa
   n_tokens = 0
   digest = hashlib.sha256()  # of the bytes written: fingerprint() of the ids as stored
   log(f"Tokenizing {dataset_name(dataset)}/{split} with {tokenizer} ({len(rows):,} lines)...")
-  with open(tmp_path, "wb") as out, tqdm(total=len(rows), unit="line", desc=f"tokenize {split}",
-                                         disable=None, leave=False) as bar:
-    # Chunks of whole lines keep memory bounded (WikiText-103 is ~120M tokens).
-    for start in range(0, len(rows), _ROWS_PER_CHUNK):
-      texts = rows[start:start + _ROWS_PER_CHUNK]["text"]
-      ids = enc.encode_ordinary("".join(texts))
-      if start + _ROWS_PER_CHUNK >= len(rows):
-        ids.append(enc.eot_token)  # one end-of-text closes the split
-      chunk = np.asarray(ids, dtype=dtype)
-      digest.update(chunk.tobytes())
-      chunk.tofile(out)
-      n_tokens += len(ids)
-      bar.update(len(texts))
+  try:
+    with open(tmp_path, "wb") as out, tqdm(total=len(rows), unit="line",
+                                           desc=f"tokenize {split}", disable=None,
+                                           leave=False) as bar:
+      # Chunks of whole lines keep memory bounded (WikiText-103 is ~120M tokens).
+      for start in range(0, len(rows), _ROWS_PER_CHUNK):
+        texts = rows[start:start + _ROWS_PER_CHUNK]["text"]
+        ids = enc.encode_ordinary("".join(texts))
+        if start + _ROWS_PER_CHUNK >= len(rows):
+          ids.append(enc.eot_token)  # one end-of-text closes the split
+        chunk = np.asarray(ids, dtype=dtype)
+        digest.update(chunk.tobytes())
+        chunk.tofile(out)
+        n_tokens += len(ids)
+        bar.update(len(texts))
+  except BaseException:  # a full disk or a signal: no partial file is left behind
+    os.remove(tmp_path)
+    raise
   os.replace(tmp_path, bin_path)
   with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:
     json.dump({"dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "tokenizer": tokenizer,

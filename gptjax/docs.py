@@ -134,14 +134,24 @@ SNAPSHOTS AND RESUME
   validation history and the resolved config. One is written every --snapshot_interval steps
   (0: none within an epoch) and at the end of every epoch; the newest --keep_last_n_snapshots
   are kept. Saves are asynchronous and atomic: a run killed while saving leaves no half snapshot.
+  Each snapshot and final model carries manifest.json (size and SHA-256 of every file), checked
+  before it is loaded: a damaged one is an error naming it and the newest intact snapshot.
   After training the snapshots are deleted, unless --no_delete_snapshots_after_training.
-  `kill PID` (SIGTERM) or Ctrl-C: the run saves a snapshot at the next step and exits.
+  `kill PID` (SIGTERM), SIGHUP or Ctrl-C: the run stops at the next step (or evaluation batch),
+  saves a snapshot and exits; a second signal stops at once.
   --resume                resume from the newest snapshot of the run directory
                           (--output_dir, else result/lm_{dataset})
   --checkpoint_file PATH  resume from this snapshot, e.g. result/lm_wikitext/snapshots/snapshot_1200
+                          (later snapshots of the run directory are moved aside, not deleted)
   -y, --yes               do not ask before loading it (needed when not at a terminal)
-  The architecture, tokenizer, dataset, max_samples, batch size and seed come from the snapshot;
-  giving a different value is an error. Raise --epochs to train a finished run further."""
+  --allow_data_change     resume although the tokenized data differs from the snapshot's
+  Options not given come from the snapshot. Given with another value, an option that defines the
+  run (architecture, data, batch size, seed, optimizer and schedule) is an error naming both
+  values; run length (--epochs), reporting, monitor and snapshot intervals may change, and the
+  log states each change. The data's fingerprint must match unless --allow_data_change. Raise
+  --epochs to train a finished run further; a run that stopped after its last epoch without a
+  final model gets its test evaluation and final model from --resume. One run at a time writes
+  a run directory (an OS lock, .lock): a second one exits 2 naming the first one's PID."""
 
 INFO_OUTPUT = """\
 OUTPUT LAYOUT (the run directory: --output_dir, else result/lm_{dataset})
@@ -150,7 +160,7 @@ OUTPUT LAYOUT (the run directory: --output_dir, else result/lm_{dataset})
   |-- run_config.json                the resolved configuration
   |-- snapshots/                     while training (see above)
   |   |-- run_config.json
-  |   `-- snapshot_<step>/{state/, meta/}
+  |   `-- snapshot_<step>/{state/, meta/, manifest.json}
   |-- models/model_<TIMESTAMP>/      the final model: params/ (Orbax) and model.json
   |                                  (architecture, tokenizer, history, test loss, config)
   `-- tensorboard/                   event files, for tensorboard --logdir DIR/tensorboard

@@ -133,7 +133,7 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset) -> Resume | 
 
 
 def check(config, explicit: frozenset = frozenset()) -> Resume | None:
-  """Everything decidable before any data is read, writing nothing (all of `--check_only`):
+  """Everything decidable before tokenizing, writing nothing (all of `--check_only`):
   the run directory (made absolute in `config`, free of a running writer), the snapshot to
   resume (its run identity applied to `config`), then every value."""
   if config.dataset not in config_lib.HUB_DATASETS and os.path.isdir(config.dataset):
