@@ -6,11 +6,13 @@ Each split is tokenized once into a flat binary file of ids (uint16 when the voc
 like nanoGPT's `prepare.py`) and memory-mapped afterwards. Nothing here knows about the model.
 """
 import codecs
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import queue
+import socket
 import tempfile
 import threading
 
@@ -18,7 +20,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from gptjax.config import HUB_DATASETS, TOKENIZERS, ConfigError, dataset_name
+from gptjax.config import HUB_DATASETS, SAMPLE_DIR, TOKENIZERS, ConfigError, dataset_name
 
 SPLITS = ("train", "valid", "test")
 _HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
@@ -68,8 +70,8 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
   except Exception as e:  # tiktoken fetches its vocabulary over the network when not cached
     raise ConfigError(
         f"tokenizer: cannot load the {TOKENIZERS[name]} vocabulary ({type(e).__name__}); offline, "
-        "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files, or use --tokenizer gpt2 "
-        "(shipped with gptjax)") from None
+        "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files, or use --tokenizer "
+        "gpt2 (shipped with gptjax)") from None
 
 
 def token_dtype(n_vocab: int):
@@ -134,6 +136,43 @@ def check_sources(dataset: str, tokenizer: str, cache_dir: str = "") -> None:
   check_cache_dir(cache_dir)
 
 
+def _hub_unreachable() -> str:
+  """Why the Hugging Face Hub cannot be reached ('' when it can, or when that is not ours to
+  judge: behind a proxy). A TCP connection within 3 s decides, where HF's client would spend
+  ~25 s retrying before it fails."""
+  import huggingface_hub.constants
+  from urllib.parse import urlparse
+
+  if huggingface_hub.constants.HF_HUB_OFFLINE:
+    return "HF_HUB_OFFLINE is set and the dataset is not in HF's cache"
+  if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    return ""
+  url = urlparse(huggingface_hub.constants.ENDPOINT)
+  try:
+    socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    return ""
+  except OSError:
+    return f"no connection to {url.hostname}"
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(offline: bool):
+  """HF's offline mode for the block (read from the environment when huggingface_hub and datasets
+  are imported: set here on their modules)."""
+  import datasets
+  import huggingface_hub.constants
+
+  modules = (huggingface_hub.constants, datasets.config)
+  saved = [m.HF_HUB_OFFLINE for m in modules]
+  try:
+    for m in modules:
+      m.HF_HUB_OFFLINE = m.HF_HUB_OFFLINE or offline
+    yield
+  finally:
+    for m, value in zip(modules, saved):
+      m.HF_HUB_OFFLINE = value
+
+
 def load_text_rows(dataset: str, split: str, cache_dir: str = ""):
   """The split as a HF `datasets.Dataset` with one `text` column (lines with their newlines).
   A folder's split goes through HF's cache under the token cache (`cache_dir`/hf): HF's default,
@@ -142,14 +181,16 @@ def load_text_rows(dataset: str, split: str, cache_dir: str = ""):
 
   datasets.disable_progress_bars()
   if dataset in HUB_DATASETS:
+    unreachable = _hub_unreachable()
     try:
-      return datasets.load_dataset("Salesforce/wikitext", HUB_DATASETS[dataset],
-                                   split=_HUB_SPLIT[split])
+      with _hub_offline_mode(bool(unreachable)):   # offline: HF's own cache, or a quick failure
+        return datasets.load_dataset("Salesforce/wikitext", HUB_DATASETS[dataset],
+                                     split=_HUB_SPLIT[split])
     except Exception as e:
       raise ConfigError(
-          f"dataset: cannot load {dataset!r} from the Hugging Face Hub ({type(e).__name__}); "
-          "offline, point --dataset at a local folder with train.txt, valid.txt and test.txt "
-          "(e.g. --dataset ../shared/data/wikitext-2-local)") from None
+          f"dataset: cannot load {dataset!r} from the Hugging Face Hub "
+          f"({unreachable or type(e).__name__}); use the WikiText-2 sample shipped with gptjax, "
+          f"--dataset {SAMPLE_DIR}, or a folder with train.txt, valid.txt and test.txt") from None
   path = local_split_file(dataset, split)
   check_split_file(path)
   return datasets.load_dataset("text", data_files={split: path}, split=split, keep_linebreaks=True,

@@ -1,14 +1,9 @@
-"""What ships in the package: the presets, the embedded corpus and GPT-2 vocabulary (read with no
-network and no tiktoken cache), and the install's package data that carries them."""
+"""What ships in the package: the presets, the embedded corpus and GPT-2 vocabulary, and the
+install's package data that carries them (tests/test_offline.py reads them with no network)."""
 import fnmatch
 import hashlib
-import inspect
 import os
-import socket
-import tempfile
 import tomllib
-
-import pytest
 
 from gptjax import config as config_lib, data
 from conftest import REPO
@@ -47,43 +42,3 @@ def test_sample_corpus_is_what_its_readme_says():
       blob = f.read()
     assert hashlib.sha256(blob).hexdigest() in readme, split
     assert f"{len(blob):,}" in readme and blob.endswith(b"\n")
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-  """No network, no TIKTOKEN_CACHE_DIR, an empty HOME and temporary folder."""
-  def refuse(*args, **kwargs):
-    raise OSError("network disabled in this test")
-  monkeypatch.setattr(socket.socket, "connect", refuse)
-  monkeypatch.setattr(socket, "create_connection", refuse)
-  monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
-  monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
-  monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  (tmp_path / "tmp").mkdir()
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # tiktoken's default cache
-  data._embedded_gpt2.cache_clear()
-  yield tmp_path
-  data._embedded_gpt2.cache_clear()
-
-
-def test_gpt2_from_the_embedded_vocabulary_offline(offline):
-  enc = data.get_tokenizer("gpt2")
-  assert enc.n_vocab == 50257 and enc.eot_token == 50256
-  assert enc.encode("Hello world") == [15496, 995] and enc.encode("hello world") == [31373, 995]
-  assert enc.decode(enc.encode_ordinary(" = Valkyria Chronicles III = \n")) == \
-      " = Valkyria Chronicles III = \n"
-  assert "TIKTOKEN_CACHE_DIR" not in os.environ   # restored as it was
-  assert not os.listdir(offline / "tmp")           # tiktoken's default cache was not written
-
-
-def test_gpt2_vocabulary_hashes_are_tiktokens_pins():
-  """The sha256 checked on load are the ones tiktoken pins for its own gpt2 (same files)."""
-  from tiktoken_ext import openai_public
-  source = inspect.getsource(openai_public.gpt2)
-  assert data.GPT2_VOCAB_BPE_SHA256 in source and data.GPT2_ENCODER_JSON_SHA256 in source
-
-
-def test_other_tokenizers_offline_fail_in_one_line(offline):
-  with pytest.raises(config_lib.ConfigError, match=r"^tokenizer: cannot load the cl100k_base "
-                     r"vocabulary .*TIKTOKEN_CACHE_DIR.*--tokenizer gpt2"):
-    data.get_tokenizer("gpt4")
