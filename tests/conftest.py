@@ -82,3 +82,22 @@ def read_tensorboard_scalars(run_dir: str) -> dict:
         out.setdefault(v.tag, {})[event.step] = v.simple_value
       pos += 12 + length + 4
   return out
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """One persistent compilation cache for a module's runs, in process and in subprocesses (whose
+  environment takes the returned variables): each compiles the tiny programs once."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  before = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # the cache is set up at the first compilation after this
+  yield {name.upper(): str(value) for name, value in settings.items()}
+  for name, value in before.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()

@@ -24,6 +24,8 @@ from gptjax import checkpoint, evaluate as evaluate_lib, reporting, rundir, trai
 from gptjax.config import ConfigError
 from conftest import REPO, read_run_log, same_tree
 
+pytestmark = pytest.mark.usefixtures("xla_cache")  # each run compiles the tiny programs once
+
 # On top of tiny_config: 6 steps per epoch, a snapshot every 3 steps, snapshots kept.
 RUN = dict(max_samples=20, snapshot_interval=3, keep_last_n_snapshots=3, log_interval=1,
            delete_snapshots_after_training=False)

@@ -20,7 +20,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from gptjax import checkpoint, optim, train, trainer
 from gptjax.config import FIELDS, ConfigError, base_config
@@ -34,20 +33,7 @@ RUN = dict(max_samples=20, snapshot_interval=3, keep_last_n_snapshots=3, log_int
 TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-  """One persistent compilation cache for this module's runs, in process and in subprocesses."""
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
-              "jax_persistent_cache_min_entry_size_bytes": -1}
-  before = {name: getattr(jax.config, name) for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # the cache is set up at the first compilation after this
-  yield {name.upper(): str(value) for name, value in settings.items()}
-  for name, value in before.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 @pytest.fixture(scope="module")
