@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
 from gptjax import rundir, sharding
 from gptjax import generate
-from gptjax.config import ARCH_FIELDS, ConfigError
+from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
 from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
 
