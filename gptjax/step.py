@@ -41,8 +41,24 @@ def logsumexp_one_pass(x_BTV):
   return m + jnp.log(s)
 
 
-@jax.custom_vjp
+def library_loss() -> bool:
+  """Whether the loss is optax's, autodiff through jax.nn.logsumexp: on the CPU. fused_cross_entropy
+  saves passes over accelerators' bf16 logits; on the CPU its one-pass reduction ran 3.5x slower
+  than jax.nn.logsumexp and the step 1.9x slower for it (bench/README.md, CPU)."""
+  return jax.default_backend() == "cpu" and not kernels.enabled()
+
+
 def cross_entropy(logits_BTV, targets_BT):
+  """Per-token softmax cross-entropy in float32, for logits of any float dtype: optax's on the CPU
+  (library_loss), fused_cross_entropy elsewhere."""
+  if library_loss():
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
+                                                            targets_BT)
+  return fused_cross_entropy(logits_BTV, targets_BT)
+
+
+@jax.custom_vjp
+def fused_cross_entropy(logits_BTV, targets_BT):
   """Per-token softmax cross-entropy, as optax's, for logits of any float dtype.
 
   The logsumexp and the target's logit are computed in float32 (the logits are upcast inside the
@@ -74,7 +90,7 @@ def softmax_cross_entropy_grad(logits, targets, lse, g):
   return ((p - onehot) * g[..., None]).astype(logits.dtype)
 
 
-cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+fused_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def mean_cross_entropy(logits_BTV, targets_BT):

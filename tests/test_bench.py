@@ -24,8 +24,10 @@ SHRUNK = ["--config.d_model=32", "--config.num_heads=2", "--config.num_layers=1"
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
 def test_cross_entropy_matches_optax(dtype, pallas, monkeypatch):
-  # On one GPU the loss runs gptjax.kernels' Pallas kernels; here they run in Pallas' interpreter
-  # through the same custom VJP.
+  # Off the CPU the loss is step.fused_cross_entropy; on one GPU it runs gptjax.kernels' Pallas
+  # kernels, here in Pallas' interpreter through the same custom VJP.
+  assert step.library_loss()   # on the CPU, optax's own
+  monkeypatch.setattr(step, "library_loss", lambda: False)
   monkeypatch.setattr(kernels, "enabled", lambda: pallas)
   # Small blocks: both kernels' loops then run several blocks and a partial last one.
   monkeypatch.setattr(kernels, "LSE_BLOCK", 256)
