@@ -117,7 +117,7 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
   if len(tokens) < 2:
     raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
   loss = trainer.evaluate(make_eval_step(GPT(model_config)), params, tokens,
-                          model_config.max_seq_len, batch_size)
+                          model_config.max_seq_len, batch_size, desc=f"eval {split}")
   if not math.isfinite(loss):
     raise NonFiniteLoss(f"the loss of {model_path} on the {split} split is {loss}: the weights "
                        "are finite, so the model overflows on this data")

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
 from gptjax import rundir, sharding
@@ -190,17 +191,22 @@ class _StopSignal:
 
 
 def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None,
-             stop=None) -> float | None:
+             stop=None, desc: str = "") -> float | None:
   """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows.
-  None if `stop` (a _StopSignal) was signalled: it stops at the next batch."""
+  None if `stop` (a _StopSignal) was signalled: it stops at the next batch. With `desc`, a
+  progress bar (on a terminal only)."""
   rows, put = sharding.batch_feeder(mesh, batch_size) if mesh else (slice(None), jax.device_put)
   batches = (tuple(x[rows] for x in b) for b in data.eval_batches(tokens, seq_len, batch_size))
+  n_batches = math.ceil(math.ceil((len(tokens) - 1) / seq_len) / batch_size)
   loss_sum, count = 0.0, 0.0
-  for batch in data.prefetch(batches, put):
-    if stop is not None and stop.signum:
-      return None
-    s, n = eval_step(params, *batch)
-    loss_sum, count = loss_sum + s, count + n
+  with tqdm(total=n_batches, desc=desc, unit="batch", leave=False,
+            disable=None if desc and jax.process_index() == 0 else True) as bar:
+    for batch in data.prefetch(batches, put):
+      if stop is not None and stop.signum:
+        return None
+      s, n = eval_step(params, *batch)
+      loss_sum, count = loss_sum + s, count + n
+      bar.update()
   return float(loss_sum) / max(float(count), 1.0)
 
 
@@ -208,9 +214,14 @@ class StepReader:
   """The host side of each step, read one step late: the finite check every step, the epoch's
   loss sum, and the monitor reports, log line and TensorBoard points when they are due."""
 
-  def __init__(self, config, report, total_steps: int, on_nonfinite, epoch_loss=(0.0, 0)):
+  def __init__(self, config, report, total_steps: int, on_nonfinite, epoch_loss=(0.0, 0),
+               eval_tokens=(0, 0)):
     self.config, self.report, self.total_steps = config, report, total_steps
     self.on_nonfinite = on_nonfinite
+    # The ETA counts the evaluations still to come: each validation and the test split, at the
+    # pace (seconds per token) of the last one measured.
+    self.n_valid, self.n_test = eval_tokens
+    self.eval_pace = 0.0
     self.tokens_per_step = config.batch_size * config.max_seq_len
     self.epoch_loss = list(epoch_loss)
     # {step, steps, seconds} per log interval: what gptjax.bench --loop reads. The first
@@ -264,6 +275,7 @@ class StepReader:
     self.restart_clock(step + 1)
     lr, grad_norm = jax.device_get((metrics["lr"], metrics["grad_norm"]))
     eta = (self.total_steps - step - 1) * self.tokens_per_step / max(tok_s, 1e-9)
+    eta += self.eval_pace * ((self.config.epochs - epoch) * self.n_valid + self.n_test)
     speed = (f"{tok_s:,.0f} tok/s | ETA {reporting.format_duration(eta)}"
              if len(self.throughput) > 1
              else f"{seconds:.1f} s incl. compilation")
@@ -487,11 +499,19 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
 
   # (sum, count) of this epoch's training losses so far: a resumed epoch reports the same mean.
   reader = StepReader(config, report, total_steps, stop_nonfinite,
-                      meta["epoch_loss"] if resume else (0.0, 0))
+                      meta["epoch_loss"] if resume else (0.0, 0),
+                      (len(splits["valid"]), len(splits["test"])))
+
+  def measure(params, split: str) -> float | None:
+    """The split's loss, None if a signal stopped it; its pace feeds the ETA."""
+    start = time.time()
+    loss = evaluate(eval_step, params, splits[split], config.max_seq_len, eval_batch, mesh, stop,
+                    desc=f"eval {split}")
+    reader.eval_pace = (time.time() - start) / len(splits[split])
+    return loss
 
   if not resume:  # the baseline every later validation is compared with, as nanoGPT's iter 0
-    initial_val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len,
-                                eval_batch, mesh, stop)
+    initial_val_loss = measure(state.params, "valid")
     if initial_val_loss is None:
       report.info(f"Stopped by signal {stop.signum} before training; nothing to resume")
       return {"status": "interrupted", "step": 0, "history": [], "signal": stop.signum}
@@ -530,8 +550,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     report.end_epoch()
     if status != "completed":
       break
-    val_loss = evaluate(eval_step, state.params, splits["valid"], config.max_seq_len, eval_batch,
-                        mesh, stop)
+    val_loss = measure(state.params, "valid")
     if val_loss is None:  # the epoch's steps are done: the snapshot resumes at its validation
       snapshot()
       status = "interrupted"
@@ -572,8 +591,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
     final_params = best_params
     report.info(f"Restored the best weights: epoch {stopper.best_epoch} "
                 f"(val loss {stopper.best_val_loss:.4f})")
-  test_loss = evaluate(eval_step, final_params, splits["test"], config.max_seq_len, eval_batch,
-                       mesh, stop)
+  test_loss = measure(final_params, "test")
   if test_loss is None:  # the last epoch's snapshot is on disk: a resume finishes the run
     report.info(f"Stopped by signal {stop.signum} during the test evaluation, before the final "
                 f"model. {resume_hint}")

@@ -355,6 +355,8 @@ def test_progress_bar_on_a_terminal_plain_lines_in_the_log(tiny_config, monkeypa
     reader.join(timeout=10)
   shown = b"".join(screen).decode(errors="replace")
   assert re.search(r"epoch 1: .*loss=\d+\.\d+, lr=[\d.e+-]+, tok/s=[\d,]+", shown), shown[-2000:]
+  for split in ("valid", "test"):  # evaluation has its bar too
+    assert re.search(rf"eval {split}: .*\d+/\d+ \[", shown), shown[-2000:]
   log = read_run_log(config.output_dir)
   assert "\r" not in log and "it/s" not in log and "loss=" not in log
   stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| ")
