@@ -24,7 +24,8 @@ TOKENIZER_VOCAB = {"gpt2": 50257, "gpt4": 100277, "gpt4o": 200019}  # n_vocab, f
 FIELDS = {
     # data
     "dataset": ("wikitext-103", "wikitext (WikiText-2 raw), wikitext-103 (raw), or a folder with "
-                "train.txt, valid.txt (or validation.txt), test.txt"),
+                "train.txt, valid.txt (or validation.txt), test.txt, e.g. gptjax/assets/sample "
+                "(a WikiText-2 sample shipped with gptjax)"),
     "tokenizer": ("gpt2", "tiktoken encoding: gpt2 | gpt4 (cl100k_base) | gpt4o (o200k_base)"),
     "max_samples": (0, "use only the first N training samples (lines); 0 = all"),
     "data_cache_dir": ("", "where tokenized splits are cached; '' = $GPTJAX_CACHE or ~/.cache/gptjax"),
@@ -40,6 +41,9 @@ FIELDS = {
     "compute_dtype": ("auto", "activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | "
                       "bfloat16 | float32; parameters are always float32"),
     "remat": (False, "recompute each block's activations in the backward pass (less memory)"),
+    "init_from": ("", "start from these weights: a Hugging Face GPT-2 folder (config.json and "
+                  "model.safetensors or pytorch_model.bin) or a gptjax model; its architecture "
+                  "must be the config's; '' = random initialisation"),
     # optimisation
     "epochs": (20, "passes over the training tokens"),
     "batch_size": (32, "sequences per optimizer step (global, over all devices)"),
@@ -132,7 +136,8 @@ def validate(config) -> None:
       raise ConfigError(f"{field}: {getattr(config, field)!r} is not allowed; {allowed}")
 
   need(config.dataset in HUB_DATASETS or os.path.isdir(config.dataset), "dataset",
-       "use wikitext, wikitext-103, or an existing folder holding train.txt/valid.txt/test.txt")
+       "use wikitext, wikitext-103, or an existing folder holding train.txt/valid.txt/test.txt, "
+       f"e.g. the sample shipped with gptjax, {SAMPLE_DIR}")
   if config.dataset not in HUB_DATASETS:
     need(os.path.isfile(os.path.join(config.dataset, "train.txt")), "dataset",
          "the folder must hold train.txt (and valid.txt or validation.txt, test.txt)")
