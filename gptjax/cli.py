@@ -113,9 +113,10 @@ def _no_arguments(rest) -> None:
     raise ConfigError(f"unexpected argument {rest[1]!r}; options look like --name value")
 
 
-def parse_flags(argv, define, usage: str) -> flags.FlagValues:
-  """A fresh absl FlagValues with `define`'s flags, parsed from `argv` (the evaluate and generate
-  commands); errors are ConfigError. -h/--help prints the flags and exits 0."""
+def parse_flags_and_arguments(argv, define, usage: str, names=()):
+  """(a fresh absl FlagValues with `define`'s flags parsed from `argv`, the positional arguments),
+  exactly one per entry of `names` (the tools' commands); errors are ConfigError. -h/--help
+  prints the flags and exits 0."""
   fv = flags.FlagValues()
   define(fv)
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
@@ -125,8 +126,17 @@ def parse_flags(argv, define, usage: str) -> flags.FlagValues:
     rest = fv(argv)
   except flags.Error as e:
     raise ConfigError(str(e).splitlines()[0]) from None
-  _no_arguments(rest)
-  return fv
+  arguments = rest[1:]
+  if len(arguments) < len(names):
+    raise ConfigError(f"{names[len(arguments)]}: missing; usage: {usage}")
+  _no_arguments(rest[len(names):])
+  return fv, arguments
+
+
+def parse_flags(argv, define, usage: str) -> flags.FlagValues:
+  """parse_flags_and_arguments for a command that takes no positional argument (evaluate,
+  generate)."""
+  return parse_flags_and_arguments(argv, define, usage)[0]
 
 
 def parse(argv):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
-from gptjax import rundir, sharding
+from gptjax import hf, rundir, sharding
 from gptjax import generate
 from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
@@ -147,6 +147,8 @@ def check(config, explicit: frozenset = frozenset()) -> Resume | None:
     rundir.check_free(run_dir)
   resume = find_resume_snapshot(config, run_dir, explicit)
   config_lib.validate(config)
+  if config.init_from and not resume:
+    hf.check_init_from(config)
   data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir)
   if resume and not config.yes and not sys.stdin.isatty():
     raise ConfigError("yes: standard input is not a terminal, so loading the snapshot cannot be "
@@ -427,6 +429,10 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
            snapshots, fingerprints) -> dict:
   enc = data.get_tokenizer(config.tokenizer)
   mcfg, model, mesh, rng, state, train_step = build_training(config, enc.n_vocab, total_steps)
+  if config.init_from and not resume:
+    params, how = hf.initial_params(config, state.params)
+    state = state.replace(params=params)
+    report.info(f"Initialised from {config.init_from} ({how})")
   eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(eval_batch, mesh, "eval_batch_size" if config.eval_batch_size
                             else "batch_size")
