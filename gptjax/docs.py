@@ -92,6 +92,8 @@ DATA AND THE TOKEN CACHE
   --dataset wikitext      WikiText-2 raw (~2M tokens), from the Hugging Face Hub
   --dataset wikitext-103  WikiText-103 raw (~100M tokens), from the Hugging Face Hub
   --dataset FOLDER        your own text: FOLDER/train.txt, valid.txt (or validation.txt), test.txt
+  --dataset gptjax/assets/sample   such a folder shipped in the package: a WikiText-2 sample
+                          (350K/25K/27K tokens), for a first run with no network
   Each split is read line by line through HF `datasets`, encoded with tiktoken
   (encode_ordinary, so text that looks like a special token stays text) and closed with one
   end-of-text token. The ids are stored once as a flat uint16/uint32 file in the token cache
@@ -173,10 +175,12 @@ OUTPUT LAYOUT (the run directory: --output_dir, else result/lm_{dataset})
 INFO_OFFLINE = """\
 OFFLINE USE
   --help, --info and --explain need neither the network nor an accelerator.
-  tiktoken downloads its vocabulary once: offline, set TIKTOKEN_CACHE_DIR to a folder holding
-  tiktoken's cache files. The Hub datasets are downloaded once by HF `datasets` (then set
-  HF_DATASETS_OFFLINE=1); without them, give --dataset a folder of .txt files. Once a split is in
-  the token cache, neither the text nor `datasets` is read again."""
+  GPT-2's vocabulary and a WikiText-2 sample (gptjax/assets) ship in the package. tiktoken
+  downloads the gpt4/gpt4o vocabularies once: offline, set TIKTOKEN_CACHE_DIR to a folder holding
+  tiktoken's cache files. The Hub datasets are downloaded once by HF `datasets`; with no
+  connection they load from HF's cache, or the run stops at once naming the sample's path; give
+  --dataset a folder of .txt files. Once a split is in the token cache, neither the text nor
+  `datasets` is read again."""
 
 INFO_DEVICES = """\
 DEVICES AND MACHINES
@@ -235,9 +239,9 @@ Examples (python -m gptjax.train replaces the guide's python src/training/train_
   # a quick run: tiny model (~16M parameters) on WikiText-2
   python -m gptjax.train --model_preset tiny --dataset wikitext --epochs 5 --batch_size 64
 
-  # smoke test in a minute on the CPU: first 300 lines, a shrunken model
-  python -m gptjax.train --model_preset tiny --dataset wikitext --epochs 1 --max_samples 300 \\
-      --d_model 64 --num_heads 2 --num_layers 2 --d_ff 128 --max_seq_len 64
+  # smoke test in a minute on the CPU, offline: 300 lines of the shipped sample, a shrunken model
+  python -m gptjax.train --model_preset tiny --dataset gptjax/assets/sample --epochs 1 \\
+      --max_samples 300 --d_model 64 --num_heads 2 --num_layers 2 --d_ff 128 --max_seq_len 64
 
   # your own text: a folder with train.txt, valid.txt, test.txt
   python -m gptjax.train --model_preset tiny --dataset path/to/folder --epochs 10
