@@ -57,25 +57,24 @@ def _hf_config(make_tiny_config, out, init_from):
   return config
 
 
-def _hf_logits_and_hidden(model, inputs_BT):
+def _hf_logits(model, inputs_BT):
   with torch.no_grad():
-    out = model(torch.from_numpy(inputs_BT).long(), output_hidden_states=True)
-  return out.logits.double().numpy(), out.hidden_states[-1].double().numpy()  # after ln_f
+    return model(torch.from_numpy(inputs_BT).long()).logits.numpy()
 
 
-def _hf_loss(model, tokens, seq_len, batch_size, extra_rows_VD=None):
-  """transformers' token-weighted mean loss over gptjax's evaluation windows; with
-  `extra_rows_VD`, over the logits of those rows of the tied head too."""
-  total = count = 0.0
+def _hf_losses(model, tokens, seq_len, batch_size, extra_rows_VD):
+  """transformers' token-weighted mean loss over gptjax's evaluation windows, and the same over
+  the logits of the tied head's `extra_rows_VD` too."""
+  sums = np.zeros(2)
   for inputs, targets, weights in data.eval_batches(tokens, seq_len, batch_size):
-    logits, hidden = _hf_logits_and_hidden(model, inputs)
-    if extra_rows_VD is not None:
-      logits = np.concatenate([logits, hidden @ extra_rows_VD.T.astype(np.float64)], axis=-1)
-    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    target = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    total += float(((lse - target) * weights).sum())
-    count += float(weights.sum())
-  return total / count
+    with torch.no_grad():
+      out = model(torch.from_numpy(inputs).long(), output_hidden_states=True)
+      logits = out.logits.double()
+      extra = out.hidden_states[-1].double() @ torch.from_numpy(extra_rows_VD).double().T
+      target = logits.gather(-1, torch.from_numpy(targets).long()[..., None])[..., 0]
+      for i, all_logits in enumerate((logits, torch.cat([logits, extra], -1))):
+        sums[i] += float(((all_logits.logsumexp(-1) - target) * torch.from_numpy(weights)).sum())
+  return sums / float(sum(w.sum() for *_, w in data.eval_batches(tokens, seq_len, batch_size)))
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +100,10 @@ def test_init_from_a_gpt2_folder_starts_at_transformers_loss(run):
   valid = data.load_tokens(config.dataset, "valid", "gpt2", 0, config.data_cache_dir)
   wte = gpt2.transformer.wte.weight.detach().numpy()
   padding = np.repeat(wte.mean(0, keepdims=True), 50304 - 50257, 0)
+  plain, exact = _hf_losses(gpt2, valid, config.max_seq_len, eval_batch, padding)
   # Exactly transformers' function, over gptjax's padded vocabulary ...
-  exact = _hf_loss(gpt2, valid, config.max_seq_len, eval_batch, padding)
   assert abs(result["initial_val_loss"] - exact) < 1e-5
   # ... whose 47 rows (the mean row) add at most log(1 + 47/50257) to transformers' own loss.
-  plain = _hf_loss(gpt2, valid, config.max_seq_len, eval_batch)
   assert 0 <= result["initial_val_loss"] - plain < np.log1p(47 / 50257) + 1e-5 < 1e-3
   assert f"Before training | val loss {result['initial_val_loss']:.4f}" in log
   # And training went on from there.
@@ -132,7 +130,7 @@ def test_export_gives_transformers_gptjaxs_logits_and_tokenizer(run, tmp_path, c
   assert tokenizer(text)["input_ids"] == ids and tokenizer.decode(ids) == text
   inputs = np.asarray(ids[:4 * 32], np.int32).reshape(4, 32)  # a batch of real text
   ours = np.asarray(GPT(mcfg).apply({"params": params}, jnp.asarray(inputs), deterministic=True))
-  theirs = _hf_logits_and_hidden(model, inputs)[0]
+  theirs = _hf_logits(model, inputs)
   assert ours.dtype == np.float32 and np.abs(ours[..., :50257] - theirs).max() < 1e-4
 
 
@@ -193,7 +191,7 @@ def test_gpt4_export_says_the_tokenizer_is_not_exported(tmp_path, capsys):
   assert (model.config.vocab_size, model.config.eos_token_id) == (100277, 100257)
   inputs = np.array([[1, 100256, 5, 7]], np.int32)
   ours = np.asarray(GPT(mcfg).apply({"params": params}, jnp.asarray(inputs)))
-  assert np.abs(ours[..., :100277] - _hf_logits_and_hidden(model, inputs)[0]).max() < 1e-4
+  assert np.abs(ours[..., :100277] - _hf_logits(model, inputs)).max() < 1e-4
 
 
 @pytest.mark.parametrize("change, message", [
