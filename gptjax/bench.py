@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from gptjax import config as config_lib
+
 H100_SXM_BF16_TFLOPS = 989.0
 _TRACE_TOP = 25
 
@@ -102,7 +104,6 @@ def _int_list(field: str, text: str) -> list:
 def expand_rows(args, config_argv) -> list:
   """[(label, config)] for every combination the flags ask for; each config validated."""
   from gptjax import cli
-  from gptjax import config as config_lib
   batches = _int_list("batch_sizes", args.batch_sizes) if args.batch_sizes else [None]
   presets = []  # (preset, its batch sizes): "small:128" pins small's batch size
   for entry in args.presets.split(",") if args.presets else [""]:
@@ -202,7 +203,7 @@ class _Built:
 
   def __init__(self, config, total_steps: int, n_batches: int = 4):
     import numpy as np
-    from gptjax import config as config_lib, sharding, trainer
+    from gptjax import sharding, trainer
     from gptjax.model import count_params
 
     n_vocab = config_lib.TOKENIZER_VOCAB[config.tokenizer]
@@ -211,9 +212,10 @@ class _Built:
     self.n_params = count_params(self.mcfg)
     self.n_devices = mesh.devices.size
     # Random tokens, several batches in rotation: never zeros, never one cached buffer.
-    rows, put = sharding.batch_feeder(mesh, config.batch_size)
+    rows, put = sharding.batch_feeder(mesh, config_lib.sequences_per_step(config))
     tokens = np.random.default_rng(config.seed + 1).integers(
-        0, n_vocab, (n_batches, config.batch_size, config.max_seq_len + 1), dtype=np.int32)
+        0, n_vocab, (n_batches, config_lib.sequences_per_step(config), config.max_seq_len + 1),
+        dtype=np.int32)
     self.batches = [put(b[rows]) for b in tokens]
     self.calls = 0
     self.compiled = None
@@ -301,7 +303,7 @@ def measure_step(config, opts, total_steps: int = 10000) -> dict:
   loss, finite = jax.device_get((built.metrics["loss"], built.metrics["finite"]))
   if not finite:
     raise FloatingPointError(f"the loss went non-finite ({loss}) on random tokens")
-  tokens = config.batch_size * config.max_seq_len
+  tokens = config_lib.sequences_per_step(config) * config.max_seq_len
   step_s = statistics.median(windows)
   fpt = flops_per_token(built.n_params, config.num_layers, config.max_seq_len, config.d_model)
   out.update(
@@ -487,7 +489,8 @@ def measure_loop(config, opts) -> dict:
   try:
     tokens = data.load_tokens(config.dataset, "train", config.tokenizer, config.max_samples,
                               config.data_cache_dir)
-    windows = data.TrainWindows(tokens, config.max_seq_len, config.batch_size, config.seed)
+    windows = data.TrainWindows(tokens, config.max_seq_len, config_lib.sequences_per_step(config),
+                                config.seed)
     out = measure_step(config, opts, windows.steps_per_epoch * config.epochs)
     config = config.copy_and_resolve_references()
     config.output_dir = config.output_dir or os.path.join(workdir, "run")
@@ -556,7 +559,7 @@ def measure_save_stall(config, opts) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
   med = {k: statistics.median(v) for k, v in times.items()}
   plain, saving = times["plain"], times["saving"]
-  tokens = config.batch_size * config.max_seq_len
+  tokens = config_lib.sequences_per_step(config) * config.max_seq_len
   step_s = med["plain"] / n
   out.update(
       n_params=built.n_params, tokens_per_step=tokens, steps=n, repeats=opts["repeats"],

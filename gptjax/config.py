@@ -46,7 +46,11 @@ FIELDS = {
                   "must be the config's; '' = random initialisation"),
     # optimisation
     "epochs": (20, "passes over the training tokens"),
-    "batch_size": (32, "sequences per optimizer step (global, over all devices)"),
+    "batch_size": (32, "sequences per micro-batch (global, over all devices); one optimizer step "
+                   "takes grad_accum_steps of them"),
+    "grad_accum_steps": (1, "gradient accumulation: micro-batches of batch_size per optimizer "
+                         "step, summed inside the compiled step (effective batch = batch_size x "
+                         "grad_accum_steps)"),
     "lr": (3e-4, "peak learning rate"),
     "warmup_steps": (1000, "linear warmup from 0 to lr over this many steps"),
     "weight_decay": (0.1, "AdamW decoupled weight decay, on tensors of 2+ dimensions only"),
@@ -129,6 +133,11 @@ def output_dir(config) -> str:
   return config.output_dir or os.path.join("result", f"lm_{dataset_name(config.dataset)}")
 
 
+def sequences_per_step(config) -> int:
+  """The effective batch: sequences per optimizer step, over all micro-batches and devices."""
+  return config.batch_size * config.grad_accum_steps
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field, its value and what is allowed."""
   def need(ok, field, allowed):
@@ -143,8 +152,8 @@ def validate(config) -> None:
          "the folder must hold train.txt (and valid.txt or validation.txt, test.txt)")
   need(config.tokenizer in TOKENIZERS, "tokenizer", f"allowed: {', '.join(TOKENIZERS)}")
   need(config.model_preset in ("",) + PRESETS, "model_preset", f"allowed: {', '.join(PRESETS)}")
-  for field in ("epochs", "batch_size", "d_model", "num_heads", "num_layers", "d_ff",
-                "max_seq_len", "keep_last_n_snapshots", "log_interval",
+  for field in ("epochs", "batch_size", "grad_accum_steps", "d_model", "num_heads", "num_layers",
+                "d_ff", "max_seq_len", "keep_last_n_snapshots", "log_interval",
                 "gradient_monitor_interval", "weight_monitor_interval",
                 "weight_monitor_sample_size", "early_stop_patience"):
     need(getattr(config, field) > 0, field, "must be a positive integer")

@@ -102,7 +102,11 @@ DATA AND THE TOKEN CACHE
   memory-mapped afterwards: the second run starts at once.
   --max_samples N keeps the first N lines of the training split (validation and test stay whole).
   Training: the tokens are cut into non-overlapping windows of max_seq_len + 1 tokens, shuffled
-  each epoch by (seed, epoch); an epoch is (windows // batch_size) steps of batch_size windows.
+  each epoch by (seed, epoch); an epoch is (windows // B) steps of B windows, where the
+  effective batch B = batch_size x grad_accum_steps. With --grad_accum_steps N each optimizer
+  step sums the gradients of N micro-batches of batch_size inside the compiled step (memory of
+  one micro-batch); schedule, intervals, snapshots and resume count optimizer steps, and the
+  log's Mesh line states the effective batch.
   The model predicts tokens 1..T of a window from tokens 0..T-1.
   Evaluation: the whole split in order, each token after the first predicted exactly once; the
   loss is the token-weighted mean, and perplexity = exp(loss)."""
@@ -271,7 +275,8 @@ Examples (python -m gptjax.train replaces the guide's python src/training/train_
 
 Watch a run: tail -f result/lm_{dataset}/logs/train_<TIMESTAMP>.log and
 tensorboard --logdir result/lm_{dataset}/tensorboard. Out of memory: lower --batch_size (16,
-then 8), --max_seq_len, or take a smaller preset. Loss NaN: lower --lr, raise --warmup_steps.
+then 8) and keep the effective batch with --grad_accum_steps (2, then 4), or lower
+--max_seq_len, or take a smaller preset. Loss NaN: lower --lr, raise --warmup_steps.
 python -m gptjax.train --info has the whole story (model, presets, monitors, resume)."""
 
 

@@ -161,15 +161,33 @@ def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
   grad_on = bool(config.gradient_monitor)
   weight_on = bool(config.weight_monitor) and sample_idx is not None
   stochastic = config.dropout > 0
+  n_micro = config.grad_accum_steps
+
+  def loss_and_grads(params, batch_BT1, rng):
+    def loss_fn(params):
+      return train_loss(model, params, batch_BT1[:, :-1], batch_BT1[:, 1:], rng=rng)
+    return jax.value_and_grad(loss_fn)(params)
+
+  def accumulated(params, batch_BT1, rng):
+    """The mean loss and gradient over n_micro micro-batches, one at a time (a lax.scan: the
+    activations of one micro-batch live at once). Micro-batch i takes rows i, i + n_micro, ...,
+    so each keeps the batch's sharding over the devices."""
+    micro_MBT1 = jnp.swapaxes(batch_BT1.reshape(-1, n_micro, batch_BT1.shape[-1]), 0, 1)
+
+    def add(carry, xs):
+      i, micro_BT1 = xs
+      loss, grads = loss_and_grads(params, micro_BT1,
+                                   None if rng is None else jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(n_micro), micro_MBT1))
+    return jax.tree.map(lambda x: x / n_micro, total)
 
   def train_step(state: TrainState, batch_BT1, rng):
-    inputs, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
     dropout_rng = jax.random.fold_in(rng, state.step) if stochastic else None
-
-    def loss_fn(params):
-      return train_loss(model, params, inputs, targets, rng=dropout_rng)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = (accumulated if n_micro > 1 else loss_and_grads)(state.params, batch_BT1,
+                                                                    dropout_rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

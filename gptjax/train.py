@@ -87,8 +87,9 @@ def main(argv=None) -> int:
     if out_of_memory(e):
       print(f"error: out of memory (batch_size {config.batch_size}, max_seq_len "
             f"{config.max_seq_len}, model {config.model_preset or 'manual'}, d_model "
-            f"{config.d_model} x {config.num_layers} layers); lower --batch_size (try 16, then 8) "
-            "or --max_seq_len, use a smaller --model_preset, or add --remat",
+            f"{config.d_model} x {config.num_layers} layers); lower --batch_size (try 16, then 8; "
+            "--grad_accum_steps 2 or 4 keeps the effective batch) or --max_seq_len, use a "
+            "smaller --model_preset, or add --remat",
             file=sys.stderr)
       return 1
     raise

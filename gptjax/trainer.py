@@ -224,7 +224,7 @@ class StepReader:
     # pace (seconds per token) of the last one measured.
     self.n_valid, self.n_test = eval_tokens
     self.eval_pace = 0.0
-    self.tokens_per_step = config.batch_size * config.max_seq_len
+    self.tokens_per_step = config_lib.sequences_per_step(config) * config.max_seq_len
     self.epoch_loss = list(epoch_loss)
     # {step, steps, seconds} per log interval: what gptjax.bench --loop reads. The first
     # interval of a process holds the compilation.
@@ -348,7 +348,8 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
   fingerprints = {s: data.fingerprint(t) for s, t in splits.items()}
   if resume:
     check_same_data(config, resume, fingerprints)
-  windows = data.TrainWindows(splits["train"], config.max_seq_len, config.batch_size, config.seed)
+  windows = data.TrainWindows(splits["train"], config.max_seq_len,
+                              config_lib.sequences_per_step(config), config.seed)
   total_steps = windows.steps_per_epoch * config.epochs
 
   # One writer per run directory from here on; the OS releases the lock however this ends.
@@ -377,12 +378,15 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
 def _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir):
   """The lines that open a run's log: device, mesh, model, data, length."""
   n_params = count_params(mcfg)
-  tokens_per_step = config.batch_size * config.max_seq_len
+  tokens_per_step = config_lib.sequences_per_step(config) * config.max_seq_len
   report.info(f"Device: {device_description()}; compute {jnp.dtype(mcfg.dtype).name}, "
               f"attention {mcfg.attention or 'auto'}")
   report.info(f"Mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over "
               f"{jax.process_count()} process(es); {config.batch_size // mesh.devices.size} "
-              f"sequences per device")
+              f"sequences per device" + (
+                  f" in each of {config.grad_accum_steps} micro-batches of {config.batch_size}; "
+                  f"effective batch {config_lib.sequences_per_step(config)} sequences"
+                  if config.grad_accum_steps > 1 else ""))
   report.info(f"Model: {n_params:,} parameters ({n_params / 1e6:.1f}M); d_model {mcfg.d_model}, "
               f"{mcfg.num_heads} heads, {mcfg.num_layers} layers, d_ff {mcfg.d_ff}, "
               f"context {mcfg.max_seq_len}, vocab {enc.n_vocab} (padded {mcfg.vocab_size})")
@@ -436,7 +440,7 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
   eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(eval_batch, mesh, "eval_batch_size" if config.eval_batch_size
                             else "batch_size")
-  rows, put_batch = sharding.batch_feeder(mesh, config.batch_size)
+  rows, put_batch = sharding.batch_feeder(mesh, config_lib.sequences_per_step(config))
   eval_step = make_eval_step(model)
   sampler = generate.training_sampler(config, mcfg, enc)
   # Whichever criterion stops the run, the final model is then the best epoch's.
