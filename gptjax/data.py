@@ -190,7 +190,7 @@ def load_text_rows(dataset: str, split: str, cache_dir: str = ""):
       raise ConfigError(
           f"dataset: cannot load {dataset!r} from the Hugging Face Hub "
           f"({unreachable or type(e).__name__}); use the WikiText-2 sample shipped with gptjax, "
-          f"--dataset {SAMPLE_DIR}, or a folder with train.txt, valid.txt and test.txt") from None
+          f"--dataset {SAMPLE_DIR}, or a local folder of train.txt, valid.txt, test.txt") from None
   path = local_split_file(dataset, split)
   check_split_file(path)
   return datasets.load_dataset("text", data_files={split: path}, split=split, keep_linebreaks=True,

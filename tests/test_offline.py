@@ -59,6 +59,9 @@ def test_hub_dataset_offline_fails_fast_in_one_line(offline, monkeypatch, capfd)
   import huggingface_hub.constants
   monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(offline / "hf" / "datasets"))
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(offline / "hf" / "hub"))
+  # Not in offline mode to start with (read at import: an earlier test may have set it).
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
   start = time.monotonic()
   with pytest.raises(config_lib.ConfigError) as e:
     data.load_text_rows("wikitext", "valid")
