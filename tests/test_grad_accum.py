@@ -60,3 +60,19 @@ def test_grad_accum_steps_must_be_positive(tiny_config):
   tiny_config.grad_accum_steps = 0
   with pytest.raises(ConfigError, match="grad_accum_steps: 0 is not allowed"):
     trainer.check(tiny_config)
+
+
+def test_micro_batches_take_the_memory_of_one(tiny_config):
+  """XLA's own memory analysis of the compiled step: 4 micro-batches of 4 need about the
+  temporary memory of one batch of 4, far from that of a batch of 16."""
+  def temp_bytes(batch_size, n_micro):
+    config = tiny_config.copy_and_resolve_references()
+    config.update(batch_size=batch_size, grad_accum_steps=n_micro, dropout=0.0)
+    training = trainer.build_training(config, 50257, total_steps=10)
+    batch = jax.ShapeDtypeStruct((batch_size * n_micro, config.max_seq_len + 1), np.int32)
+    compiled = training.train_step.lower(training.state, batch, training.rng).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  one, micro, whole = temp_bytes(4, 1), temp_bytes(4, 4), temp_bytes(16, 1)
+  print(f"temporary memory: batch 4 {one:,} B, 4 x 4 {micro:,} B, batch 16 {whole:,} B")
+  assert micro < 1.25 * one and micro < 0.5 * whole
