@@ -85,7 +85,11 @@ MODEL
     {vocab}.
   The embedding is padded to a multiple of 128 rows for fast matrix multiplies; the padding
   rows are never targets.
-  Memory: --remat recomputes each block's activations in the backward pass."""
+  Memory: --remat recomputes each block's activations in the backward pass.
+  Starting weights: --init_from PATH takes a Hugging Face GPT-2 folder (config.json and
+  model.safetensors or pytorch_model.bin) or a gptjax model; its architecture must match the
+  config (an error names the field). python -m gptjax.export --model PATH --to hf OUT writes a
+  folder transformers.GPT2LMHeadModel and AutoTokenizer load (the tokenizer for gpt2 only)."""
 
 INFO_DATA = """\
 DATA AND THE TOKEN CACHE
