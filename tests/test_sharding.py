@@ -30,7 +30,9 @@ RUN = dict(d_model=16, num_heads=2, num_layers=2, d_ff=32, max_seq_len=16, batch
            sample_prompts="", log_interval=5, gradient_monitor=True, gradient_monitor_interval=8,
            weight_monitor_interval=8, sanity_check_interval=8,
            delete_snapshots_after_training=False)
-TOL = 1e-5
+# float32 sums in another order: a loss near 10.35 (and so its perplexity, relatively) has
+# differed by 1.07e-5 between device counts.
+TOL = 2e-5
 
 
 # ----------------------------------------------------------------------------- driver side
