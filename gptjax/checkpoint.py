@@ -13,6 +13,7 @@ A snapshot without one is incomplete; a file that no longer matches it is damage
 before anything is restored (`verify`), so a flipped byte or a truncated file is an error naming
 the directory, never a run that trains on garbage.
 """
+import dataclasses
 import glob
 import hashlib
 import json
@@ -22,11 +23,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from gptjax.config import ConfigError
+from gptjax.model import ModelConfig
 
 SNAPSHOT_PREFIX = "snapshot"
 MANIFEST = "manifest.json"
@@ -298,3 +301,47 @@ def load_params(path: str):
     raise DamagedError(f"{path} holds non-finite weights (in {', '.join(bad[:3])}); it is "
                        "damaged")
   return params, info
+
+
+def is_model_dir(path: str) -> bool:
+  if os.path.isfile(os.path.join(path, "model.json")):
+    return True
+  try:
+    snapshot_step(path)
+    return True
+  except ConfigError:
+    return False
+
+
+def model_config_from_info(info: dict) -> ModelConfig:
+  """The ModelConfig recorded in model.json (or a snapshot), for inference on this machine."""
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  arch = {k: v for k, v in info["model"].items() if k in names}
+  arch["dtype"] = jnp.dtype(arch["dtype"])  # kept: a bfloat16-trained model is measured in it
+  if arch.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+    arch["attention"] = "xla"
+  return ModelConfig(**dict(arch, remat=False))  # nothing is differentiated here
+
+
+def load_model(path: str):
+  """(ModelConfig, params on the local device, info) of a final model or snapshot directory,
+  each failure a ConfigError naming `path`."""
+  if not path:
+    raise ConfigError("model: no model given; pass --model PATH (a models/model_<TIMESTAMP>/ or "
+                      "snapshots/snapshot_<step>/ directory)")
+  if not os.path.isdir(path):
+    raise ConfigError(f"model: {path!r} does not exist or is not a directory")
+  if not is_model_dir(path):
+    raise ConfigError(f"model: {path!r} is not a gptjax model; expected a final model directory "
+                      "(models/model_<TIMESTAMP>/ with model.json and params/) or a snapshot "
+                      "(snapshots/snapshot_<step>/)")
+  try:
+    params, info = load_params(path)
+  except DamagedError as e:
+    raise ConfigError(f"model: {e}") from None
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(f"model: cannot read {path!r} ({type(e).__name__}); it is incomplete or "
+                      "damaged") from None
+  return model_config_from_info(info), params, info

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import data, kernels
+from gptjax import kernels
 
 TARGET = "gptjax_dgelu_bgrad"
 WORKSPACE_BYTES = 32 << 20   # cuBLASLt's recommended workspace on Hopper
@@ -75,6 +75,7 @@ def _build() -> str:
     source = f.read()
   cmd = compile_command(cxx, "OUT", lib)
   digest = hashlib.sha256(source + repr((cmd, jax.__version__)).encode()).hexdigest()[:16]
+  from gptjax import data  # here: importing the model must not import the data pipeline
   cache = data.default_cache_dir()
   path = os.path.join(cache, f"dgelu_bgrad-{digest}.so")
   if not os.path.exists(path):

@@ -1,30 +1,27 @@
-"""Loading a saved model alone, and measuring it on a whole split: `python -m gptjax.evaluate`.
+"""Measuring a model on a whole split: `python -m gptjax.evaluate`, and the trainer's eval loop.
 
     python -m gptjax.evaluate --model PATH [--dataset D] [--split test|valid|train]
         [--batch_size N] [--data_cache_dir DIR] [--json]
 
 PATH is a final model (`models/model_<TIMESTAMP>/`) or a snapshot (`snapshots/snapshot_<step>/`);
-its record (architecture, tokenizer, vocabulary size, dataset) is all that is needed. The split
-runs through the trainer's own jitted eval step and `trainer.evaluate`, so the loss is the one the
-trainer reported for the same weights and split: the token-weighted mean over every token after
+its record (architecture, tokenizer, vocabulary size, dataset) is all that is needed
+(`checkpoint.load_model`). The split runs through the trainer's own jitted eval step and
+`mean_loss`, the loop the trainer runs too, so the loss is the one the trainer reported for the same weights and split: the token-weighted mean over every token after
 the first. Perplexity is exp(loss). Bits per byte is the summed loss in bits over the UTF-8 bytes
 of the split's text, counted from its tokens (byte-level BPE decodes losslessly, so this is the
-text's byte count; end-of-text counts 0 bytes, as it is no text). Also holds `load_model`, which
-`gptjax.generate` shares.
+text's byte count; end-of-text counts 0 bytes, as it is no text).
 """
-import dataclasses
 import json
 import math
 import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from gptjax import cli
+from gptjax import checkpoint, cli, data, sharding
 from gptjax.config import HUB_DATASETS, ConfigError, dataset_name
-from gptjax.model import ModelConfig
 
 SPLITS = ("test", "valid", "train")
 
@@ -34,49 +31,26 @@ class NonFiniteLoss(RuntimeError):
 _FALLBACK_BATCH = 16
 
 
-def is_model_dir(path: str) -> bool:
-  from gptjax import checkpoint
-  if os.path.isfile(os.path.join(path, "model.json")):
-    return True
-  try:
-    checkpoint.snapshot_step(path)
-    return True
-  except ConfigError:
-    return False
 
 
-def model_config_from_info(info: dict) -> ModelConfig:
-  """The ModelConfig recorded in model.json (or a snapshot), for inference on this machine."""
-  names = {f.name for f in dataclasses.fields(ModelConfig)}
-  arch = {k: v for k, v in info["model"].items() if k in names}
-  arch["dtype"] = jnp.dtype(arch["dtype"])  # kept: a bfloat16-trained model is measured in it
-  if arch.get("attention") == "cudnn" and jax.default_backend() != "gpu":
-    arch["attention"] = "xla"
-  return ModelConfig(**dict(arch, remat=False))  # nothing is differentiated here
-
-
-def load_model(path: str):
-  """(ModelConfig, params on the local device, info) of a final model or snapshot directory."""
-  from gptjax import checkpoint
-  if not path:
-    raise ConfigError("model: no model given; pass --model PATH (a models/model_<TIMESTAMP>/ or "
-                      "snapshots/snapshot_<step>/ directory)")
-  if not os.path.isdir(path):
-    raise ConfigError(f"model: {path!r} does not exist or is not a directory")
-  if not is_model_dir(path):
-    raise ConfigError(f"model: {path!r} is not a gptjax model; expected a final model directory "
-                      "(models/model_<TIMESTAMP>/ with model.json and params/) or a snapshot "
-                      "(snapshots/snapshot_<step>/)")
-  try:
-    params, info = checkpoint.load_params(path)
-  except checkpoint.DamagedError as e:
-    raise ConfigError(f"model: {e}") from None
-  except ConfigError:
-    raise
-  except Exception as e:
-    raise ConfigError(f"model: cannot read {path!r} ({type(e).__name__}); it is incomplete or "
-                      "damaged") from None
-  return model_config_from_info(info), params, info
+def mean_loss(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None,
+              stop=None, desc: str = "") -> float | None:
+  """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows.
+  None if `stop` (the trainer's signal flag) was signalled: it stops at the next batch. With `desc`, a
+  progress bar (on a terminal only)."""
+  rows, put = sharding.batch_feeder(mesh, batch_size) if mesh else (slice(None), jax.device_put)
+  batches = (tuple(x[rows] for x in b) for b in data.eval_batches(tokens, seq_len, batch_size))
+  n_batches = math.ceil(math.ceil((len(tokens) - 1) / seq_len) / batch_size)
+  loss_sum, count = 0.0, 0.0
+  with tqdm(total=n_batches, desc=desc, unit="batch", leave=False,
+            disable=None if desc and jax.process_index() == 0 else True) as bar:
+    for batch in data.prefetch(batches, put):
+      if stop is not None and stop.signum:
+        return None
+      s, n = eval_step(params, *batch)
+      loss_sum, count = loss_sum + s, count + n
+      bar.update()
+  return float(loss_sum) / max(float(count), 1.0)
 
 
 def token_bytes(encoding) -> np.ndarray:
@@ -95,7 +69,6 @@ def token_bytes(encoding) -> np.ndarray:
 def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batch_size: int = 0,
                    data_cache_dir: str = "") -> dict:
   """Loss, perplexity and bits per byte of the model at `model_path` on a whole split."""
-  from gptjax import data, trainer
   from gptjax.model import GPT
   from gptjax.step import make_eval_step
 
@@ -104,7 +77,7 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
   if batch_size < 0:
     raise ConfigError(f"batch_size: {batch_size} is not allowed; must be a positive integer "
                       "(0 = the training run's evaluation batch size)")
-  model_config, params, info = load_model(model_path)
+  model_config, params, info = checkpoint.load_model(model_path)
   run = info.get("config", {})  # the run's config, of a final model or a snapshot
   dataset = dataset or info["dataset"]
   if dataset not in HUB_DATASETS and not os.path.isdir(dataset):
@@ -116,8 +89,8 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
                             data_cache_dir)
   if len(tokens) < 2:
     raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
-  loss = trainer.evaluate(make_eval_step(GPT(model_config)), params, tokens,
-                          model_config.max_seq_len, batch_size, desc=f"eval {split}")
+  loss = mean_loss(make_eval_step(GPT(model_config)), params, tokens, model_config.max_seq_len,
+                   batch_size, desc=f"eval {split}")
   if not math.isfinite(loss):
     raise NonFiniteLoss(f"the loss of {model_path} on the {split} split is {loss}: the weights "
                        "are finite, so the model overflows on this data")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import cli, data, evaluate
+from gptjax import checkpoint, cli, data
 from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, init_cache
 
@@ -218,7 +218,7 @@ def run(argv) -> dict:
   fv = cli.parse_flags(argv, _define_flags, "python -m gptjax.generate --model PATH "
                        "--prompt TEXT [options]")
   _check(fv)
-  model_config, params, info = evaluate.load_model(fv.model or "")
+  model_config, params, info = checkpoint.load_model(fv.model or "")
   encoding = data.get_tokenizer(info["tokenizer"])
   prompt_BL, lengths_B, prefill, requested = encode_prompts(
       encoding, [fv.prompt] * fv.num_samples, model_config.max_seq_len, fv.max_new_tokens)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gptjax import config as config_lib
+from gptjax import checkpoint, config as config_lib
 from gptjax.config import ConfigError
 from gptjax.model import LayerNorm, padded_vocab_size
 
@@ -111,12 +111,11 @@ def export_model(model_path: str, out_dir: str) -> dict:
   config.json, model.safetensors and, for the gpt2 tokenizer, the tokenizer's files. Returns
   what was written: {"out_dir", "files", "tokenizer", "tokenizer_exported"}. `out_dir` must be
   new or empty: files of an earlier export (another tokenizer's) would be loaded with these."""
-  from gptjax import evaluate
   try:
     from safetensors.numpy import save_file
   except ImportError:
     _needs("safetensors")
-  _, params, info = evaluate.load_model(model_path)
+  _, params, info = checkpoint.load_model(model_path)
   arch, tokenizer, n_vocab = info["model"], info["tokenizer"], info["n_vocab"]
   if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
     raise ConfigError(f"OUT: {out_dir!r} exists and is not an empty folder; give a new one")
@@ -147,7 +146,6 @@ def _is_hf_folder(path: str) -> bool:
 def architecture(path: str) -> dict:
   """The architecture of the model at `path` (a Hugging Face GPT-2 folder or a gptjax model),
   read without its weights: gptjax's field names, plus n_vocab and, for gptjax, tokenizer."""
-  from gptjax import checkpoint, evaluate
   if not os.path.isdir(path):
     raise ConfigError(f"init_from: {path!r} does not exist or is not a directory; give a Hugging "
                       "Face GPT-2 folder (config.json, model.safetensors) or a gptjax model")
@@ -167,7 +165,7 @@ def architecture(path: str) -> dict:
             "d_ff": cfg.get("n_inner") or 4 * cfg["n_embd"], "max_seq_len": cfg["n_positions"],
             "n_vocab": cfg["vocab_size"],
             "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5)}
-  if not evaluate.is_model_dir(path):
+  if not checkpoint.is_model_dir(path):
     raise ConfigError(f"init_from: {path} is neither a Hugging Face GPT-2 folder (config.json) "
                       "nor a gptjax model (model.json, or a snapshot_<step> directory)")
   info = (_read_json(os.path.join(path, "model.json"))
@@ -241,7 +239,6 @@ def _pad_vocabulary(wte_VD, vocab_size: int):
 def initial_params(config, target):
   """(params, what was done) of config.init_from, checked against the run's config and laid out
   as `target` (the run's initial params: their structure, shapes and sharding)."""
-  from gptjax import evaluate
   path = config.init_from
   arch = check_init_from(config)
   names = tensor_names(config.num_layers)
@@ -255,7 +252,7 @@ def initial_params(config, target):
     flat = {ours: tensors[theirs] for ours, theirs in names.items()}
     notes.append("Hugging Face GPT-2")
   else:
-    flat = traverse_util.flatten_dict(jax.device_get(evaluate.load_model(path)[1]), sep="/")
+    flat = traverse_util.flatten_dict(jax.device_get(checkpoint.load_model(path)[1]), sep="/")
     notes.append("gptjax model")
   if arch["max_seq_len"] > config.max_seq_len:
     flat["wpe/embedding"] = flat["wpe/embedding"][:config.max_seq_len]

@@ -16,8 +16,12 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
-  schedule = lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
+def make_schedule(config, total_steps: int):
+  """The run's learning-rate schedule: built once, given to the optimizer and the step's log."""
+  return lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
   adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=1e-8,
                       weight_decay=config.weight_decay, mask=decay_mask)
   if config.gradient_clip > 0:

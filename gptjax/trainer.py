@@ -18,11 +18,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from tqdm import tqdm
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
-from gptjax import hf, rundir, sharding
-from gptjax import generate
+from gptjax import evaluate, generate, hf, rundir, sharding
 from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
 from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
@@ -190,26 +188,6 @@ class _StopSignal:
   def __exit__(self, *exc):
     for s, handler in self.previous.items():
       signal.signal(s, handler)
-
-
-def evaluate(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None,
-             stop=None, desc: str = "") -> float | None:
-  """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows.
-  None if `stop` (a _StopSignal) was signalled: it stops at the next batch. With `desc`, a
-  progress bar (on a terminal only)."""
-  rows, put = sharding.batch_feeder(mesh, batch_size) if mesh else (slice(None), jax.device_put)
-  batches = (tuple(x[rows] for x in b) for b in data.eval_batches(tokens, seq_len, batch_size))
-  n_batches = math.ceil(math.ceil((len(tokens) - 1) / seq_len) / batch_size)
-  loss_sum, count = 0.0, 0.0
-  with tqdm(total=n_batches, desc=desc, unit="batch", leave=False,
-            disable=None if desc and jax.process_index() == 0 else True) as bar:
-    for batch in data.prefetch(batches, put):
-      if stop is not None and stop.signum:
-        return None
-      s, n = eval_step(params, *batch)
-      loss_sum, count = loss_sum + s, count + n
-      bar.update()
-  return float(loss_sum) / max(float(count), 1.0)
 
 
 class StepReader:
@@ -415,8 +393,8 @@ def build_training(config, n_vocab: int, total_steps: int) -> Training:
   step of `config`: what the loop runs (and gptjax.bench times)."""
   mcfg = model_config(config, n_vocab)
   model = GPT(mcfg)
-  tx = optim.make_optimizer(config, total_steps)
-  schedule = optim.lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
+  schedule = optim.make_schedule(config, total_steps)
+  tx = optim.make_optimizer(config, schedule)
   rng = jax.random.key(config.seed)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -515,8 +493,8 @@ def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
   def measure(params, split: str) -> float | None:
     """The split's loss, None if a signal stopped it; its pace feeds the ETA."""
     start = time.time()
-    loss = evaluate(eval_step, params, splits[split], config.max_seq_len, eval_batch, mesh, stop,
-                    desc=f"eval {split}")
+    loss = evaluate.mean_loss(eval_step, params, splits[split], config.max_seq_len, eval_batch,
+                             mesh, stop, desc=f"eval {split}")
     reader.eval_pace = (time.time() - start) / len(splits[split])
     return loss
 

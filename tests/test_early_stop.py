@@ -235,14 +235,15 @@ def test_from_json_defaults_missing_and_rejects_unknown_fields():
 
 
 # ----------------------------------------------------------------------------- through the trainer
-# The real training runs; only the validation losses are scripted (trainer.evaluate replaced).
+# The real training runs; only the validation losses are scripted (evaluate.mean_loss replaced).
 
 def scripted_evaluate(monkeypatch, config, val_losses):
   """Validation returns the next of `val_losses` (the first one is the before-training loss) and
   records the params it was given; the test split returns 1.0 and records the final params."""
   import jax
   import numpy as np
-  from gptjax import data, trainer
+  from gptjax import data
+  from gptjax import evaluate as evaluate_lib
 
   valid = np.asarray(data.load_tokens(config.dataset, "valid", config.tokenizer,
                                       cache_dir=config.data_cache_dir))
@@ -254,7 +255,7 @@ def scripted_evaluate(monkeypatch, config, val_losses):
     calls[split].append(jax.tree.map(np.array, jax.device_get(params)))  # copies: buffers are
     return next(script) if split == "valid" else 1.0                     # donated later
 
-  monkeypatch.setattr(trainer, "evaluate", evaluate)
+  monkeypatch.setattr(evaluate_lib, "mean_loss", evaluate)
   return calls
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("safetensors", reason="the hf extra is not installed")
 from gptjax import checkpoint, data, export, hf, train, trainer
 from gptjax import model as model_lib
 from gptjax.config import ConfigError, base_config
-from gptjax.evaluate import load_model
+from gptjax.checkpoint import load_model
 from gptjax.model import GPT
 from conftest import read_run_log
 

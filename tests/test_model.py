@@ -407,3 +407,50 @@ def test_gpu_kernels_lower_to_triton_for_cuda(monkeypatch):
   assert triton_calls(jax.value_and_grad(step.head_loss, (0, 1)), x_ND, w_VD, targets_N) == 1
   assert triton_calls(jax.value_and_grad(lambda x, t: jnp.sum(step.cross_entropy(x, t))),
                       logits, targets) == 2   # evaluation's logsumexp, and its gradient
+
+
+def test_the_model_imports_no_data_or_tokenizer():
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  code = ("import sys, gptjax.model; "
+          "print(sorted(m for m in sys.modules if m == 'gptjax.data' or 'tiktoken' in m "
+          "or m.startswith('datasets')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_gptjax_modules_import_one_way():
+  """The graph of every import between gptjax's modules (at the top or inside a function) has
+  no circle."""
+  import ast
+  import glob
+  import os
+  from conftest import REPO
+  graph = {}
+  for path in glob.glob(os.path.join(REPO, "gptjax", "*.py")):
+    name = os.path.basename(path)[:-3]
+    deps = graph.setdefault(name, set())
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module == "gptjax":
+        deps.update(a.name for a in node.names)
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gptjax."):
+        deps.add(node.module.split(".")[1])
+      elif isinstance(node, ast.Import):
+        deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("gptjax."))
+    deps.discard(name)
+
+  def circle(node, path):
+    if node in path:
+      return path[path.index(node):] + [node]
+    for dep in sorted(graph.get(node, ())):
+      found = circle(dep, path + [node])
+      if found:
+        return found
+    return None
+
+  for name in sorted(graph):
+    found = circle(name, [])
+    assert found is None, " -> ".join(found)

@@ -43,8 +43,8 @@ def build(config, total_steps=10):
   """(model, jitted train step, fresh state, sample indices, batches) on a 128-token vocabulary."""
   model = GPT(ModelConfig(vocab_size=128, d_model=32, num_heads=2, num_layers=2, d_ff=64,
                           max_seq_len=SEQ, dropout=config.dropout))
-  tx = optim.make_optimizer(config, total_steps)
-  schedule = optim.lr_schedule(config.lr, config.warmup_steps, total_steps, config.min_lr_ratio)
+  schedule = optim.make_schedule(config, total_steps)
+  tx = optim.make_optimizer(config, schedule)
   # Jitted: one compile is much faster than running the initializers op by op.
   state = jax.jit(lambda key: init_state(model, tx, key, SEQ))(jax.random.key(0))
   sample_idx = monitor.make_sample_indices(state.params, config.weight_monitor_sample_size, 3)

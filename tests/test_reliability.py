@@ -109,7 +109,7 @@ def signal_during_step(monkeypatch, number: int, signum=signal.SIGTERM) -> None:
 
 def signal_during_evaluation(monkeypatch, n_tokens: int, call: int = 1) -> None:
   """SIGTERM arrives while the `call`-th evaluation of a split of `n_tokens` tokens runs."""
-  real, calls = trainer.evaluate, []
+  real, calls = evaluate_lib.mean_loss, []
 
   def evaluate(eval_step, params, tokens, *args, **kwargs):
     if len(tokens) == n_tokens:
@@ -117,7 +117,7 @@ def signal_during_evaluation(monkeypatch, n_tokens: int, call: int = 1) -> None:
       if len(calls) == call:
         os.kill(os.getpid(), signal.SIGTERM)
     return real(eval_step, params, tokens, *args, **kwargs)
-  monkeypatch.setattr(trainer, "evaluate", evaluate)
+  monkeypatch.setattr(evaluate_lib, "mean_loss", evaluate)
 
 
 def snapshot_files(run_dir: str) -> dict:

@@ -94,7 +94,7 @@ def _state_specs_job() -> dict:
   config.mesh_fsdp = 4
   model = GPT(ModelConfig(vocab_size=128, d_model=32, num_heads=2, num_layers=2, d_ff=64,
                           max_seq_len=16))
-  tx = optim.make_optimizer(config, 10)
+  tx = optim.make_optimizer(config, optim.make_schedule(config, 10))
   abstract = jax.eval_shape(lambda key: init_state(model, tx, key, 16), jax.random.key(0))
   shardings = sharding.tree_shardings(abstract, sharding.make_mesh(config))
   return {jax.tree_util.keystr(p): str(s.spec)

@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 
-from gptjax import checkpoint, data, trainer
+from gptjax import checkpoint, data, evaluate, trainer
 from gptjax.model import GPT, ModelConfig
 from gptjax.step import make_eval_step
 
@@ -44,7 +44,7 @@ def test_loss_falls_and_outputs_reload(tiny_config):
   model = GPT(ModelConfig(**arch))
   tokens = data.load_tokens(config.dataset, "valid", info["tokenizer"],
                             cache_dir=config.data_cache_dir)
-  reloaded = trainer.evaluate(make_eval_step(model), jax.device_put(params), tokens,
+  reloaded = evaluate.mean_loss(make_eval_step(model), jax.device_put(params), tokens,
                               arch["max_seq_len"], config.batch_size)
   assert abs(reloaded - val[-1]) < 1e-5
   assert abs(info["test_loss"] - result["test_loss"]) < 1e-9
