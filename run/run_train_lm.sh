@@ -277,10 +277,6 @@ RESUME=0
 cd "$PROJECT_ROOT"
 export PYTHONPATH="${PROJECT_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export PYTHONUNBUFFERED=1
-if [[ -z "${TIKTOKEN_CACHE_DIR:-}" && -d "${PROJECT_ROOT}/../shared/data/tiktoken_cache" ]]; then
-  TIKTOKEN_CACHE_DIR="$(cd "${PROJECT_ROOT}/../shared/data/tiktoken_cache" && pwd -P)"
-  export TIKTOKEN_CACHE_DIR
-fi
 
 if [[ -n "${PYTHON:-}" ]]; then
   PY="$PYTHON"
