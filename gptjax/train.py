@@ -40,6 +40,11 @@ def out_of_memory(error: BaseException) -> bool:
       for e in _chain(error))
 
 
+def ask(question: str) -> bool:
+  """The terminal's answer to a yes/no question (no is the default)."""
+  return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
@@ -57,12 +62,14 @@ def main(argv=None) -> int:
       print(docs.info() if "info" in actions else docs.explain())
       return 0
     from gptjax import sharding, trainer, xla_flags
+    at_terminal = sys.stdin.isatty()
     if "check_only" in actions:
-      trainer.check(config, explicit)
+      trainer.check(config, explicit, can_ask=at_terminal)
       return 0
     xla_flags.set_defaults()  # before the first device call, as both must be
     sharding.initialize_distributed(config)
-    result = trainer.train_and_evaluate(config, explicit=explicit, log_file=log_file)
+    result = trainer.train_and_evaluate(config, explicit=explicit, log_file=log_file,
+                                        confirm=ask if at_terminal else None)
   except ConfigError as e:
     cli.fail(str(e))
   except KeyboardInterrupt:

@@ -85,9 +85,10 @@ class Resume(NamedTuple):
   changes: list  # (field, the snapshot's value, this run's), each allowed and logged
 
 
-def find_resume_snapshot(config, run_dir: str, explicit: frozenset) -> Resume | None:
+def find_resume_snapshot(config, run_dir: str, explicit: frozenset,
+                         can_ask: bool = False) -> Resume | None:
   """The snapshot to resume from, checked against its manifest, or None; applies the snapshot's
-  run identity to `config`."""
+  run identity to `config`. `can_ask`: the caller can ask the user whether to resume."""
   if config.checkpoint_file:
     snap_dir, step = checkpoint.snapshot_step(config.checkpoint_file)
   else:
@@ -100,7 +101,7 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset) -> Resume | 
       return None
     # As the guide's trainer: a run that finds snapshots offers to continue them. Starting a new
     # run over them is refused: rotation would delete the new run's snapshots first.
-    if not (config.resume or config.yes or sys.stdin.isatty()):
+    if not (config.resume or config.yes or can_ask):
       raise ConfigError(f"resume: {snap_dir} holds snapshots of an earlier run (newest step "
                         f"{max(steps)}); add --resume --yes to continue it, or give another "
                         "--output_dir for a new run")
@@ -131,10 +132,11 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset) -> Resume | 
   return Resume(snap_dir, step, meta, changes)
 
 
-def check(config, explicit: frozenset = frozenset()) -> Resume | None:
+def check(config, explicit: frozenset = frozenset(), can_ask: bool = False) -> Resume | None:
   """Everything decidable before tokenizing, writing nothing (all of `--check_only`):
   the run directory (made absolute in `config`, free of a running writer), the snapshot to
-  resume (its run identity applied to `config`), then every value."""
+  resume (its run identity applied to `config`), then every value. Resuming needs config.yes
+  unless the caller `can_ask` the user (the CLI, at a terminal)."""
   if config.dataset not in config_lib.HUB_DATASETS and os.path.isdir(config.dataset):
     config.dataset = os.path.abspath(config.dataset)  # the run's data, wherever it resumes from
   run_dir = config.output_dir = os.path.abspath(config_lib.output_dir(config))
@@ -143,26 +145,22 @@ def check(config, explicit: frozenset = frozenset()) -> Resume | None:
                       "missing)")
   if jax.process_index() == 0:
     rundir.check_free(run_dir)
-  resume = find_resume_snapshot(config, run_dir, explicit)
+  resume = find_resume_snapshot(config, run_dir, explicit, can_ask)
   config_lib.validate(config)
   if config.init_from and not resume:
     hf.check_init_from(config)
   data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir)
-  if resume and not config.yes and not sys.stdin.isatty():
+  if resume and not config.yes and not can_ask:
     raise ConfigError("yes: standard input is not a terminal, so loading the snapshot cannot be "
                       "confirmed; add --yes (-y) to resume without asking")
   return resume
 
 
-def confirm_resume(path: str, meta: dict, assume_yes: bool) -> None:
+def describe_snapshot(path: str, meta: dict) -> str:
   val = meta.get("val_loss")
-  print(f"Found snapshot {path}\n  step {meta['step']}, epoch {meta['epoch'] + 1} "
-        f"(batch {meta['index']}), saved {meta['time']}, "
-        f"val loss {'n/a' if val is None else f'{val:.4f}'}")
-  if assume_yes:
-    return
-  if input("Resume from this snapshot? [y/N] ").strip().lower() not in ("y", "yes"):
-    raise ConfigError("resume: not confirmed; nothing was loaded")
+  return (f"Found snapshot {path}\n  step {meta['step']}, epoch {meta['epoch'] + 1} "
+          f"(batch {meta['index']}), saved {meta['time']}, "
+          f"val loss {'n/a' if val is None else f'{val:.4f}'}")
 
 
 class _StopSignal:
@@ -296,11 +294,13 @@ def check_same_data(config, resume: Resume, fingerprints: dict) -> None:
   resume.changes.extend((f"{s} split", saved[s][:19], fingerprints[s][:19]) for s in changed)
 
 
-def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: str = "") -> dict:
+def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: str = "",
+                       confirm: Callable[[str], bool] | None = None) -> dict:
   """Trains `config` to the end (or to an early stop or a signal); returns a summary dict.
   A resumed run whose training is complete but which has no final model yet (a failure or a
-  signal after the last epoch) gets its test evaluation and final model."""
-  resume = check(config, explicit)
+  signal after the last epoch) gets its test evaluation and final model. Found snapshots are
+  resumed with config.yes, or if `confirm(question)` (the CLI's prompt) says so."""
+  resume = check(config, explicit, can_ask=confirm is not None)
   run_dir = config.output_dir  # absolute, after check
   if resume:
     meta = resume.meta
@@ -315,7 +315,9 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
     if stopped or done:
       print("Training of this run is complete, but its final model was never written: "
             "finishing it (test evaluation, final model).")
-    confirm_resume(checkpoint.snapshot_path(resume.snap_dir, resume.step), meta, config.yes)
+    print(describe_snapshot(checkpoint.snapshot_path(resume.snap_dir, resume.step), meta))
+    if not config.yes and not confirm("Resume from this snapshot?"):
+      raise ConfigError("resume: not confirmed; nothing was loaded")
 
   splits = {s: data.load_tokens(config.dataset, s, config.tokenizer, config.max_samples,
                                 config.data_cache_dir) for s in data.SPLITS}

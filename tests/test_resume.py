@@ -327,3 +327,28 @@ def test_a_new_run_over_earlier_snapshots_is_refused(reference):
   with pytest.raises(ConfigError, match=r"holds snapshots .*--resume --yes"):
     trainer.check(fresh)
   assert snapshot_names(config) == before
+
+
+def test_the_cli_asks_at_a_terminal_the_library_never_does(reference, tmp_path, monkeypatch,
+                                                          capsys):
+  """The prompt lives in the CLI: at a terminal it asks (no is the default); from Python,
+  resuming needs yes=True."""
+  ref_config, _ = reference
+  run = str(tmp_path / "run")
+  shutil.copytree(ref_config.output_dir, run)
+  shutil.rmtree(os.path.join(run, "models"))  # training done, no final model: resume finishes it
+  monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+  answers = iter(["", "y"])
+  monkeypatch.setattr("builtins.input", lambda question: next(answers))
+  with pytest.raises(SystemExit) as exit_:
+    train.main(["gptjax.train", "--output_dir", run])  # Enter: no
+  assert exit_.value.code == 2
+  assert "resume: not confirmed; nothing was loaded" in capsys.readouterr().err
+  assert train.main(["gptjax.train", "--output_dir", run]) == 0  # y: resumed and finished
+  assert "Found snapshot" in capsys.readouterr().out
+  assert len(os.listdir(os.path.join(run, "models"))) == 1
+
+  config = ref_config.copy_and_resolve_references()
+  config.update(output_dir=run, resume=True, yes=False)
+  with pytest.raises(ConfigError, match="add --yes"):
+    trainer.train_and_evaluate(config)
