@@ -17,7 +17,8 @@ PRESETS = ("tiny", "small", "medium")
 HUB_DATASETS = {"wikitext": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
 TOKENIZERS = {"gpt2": "gpt2", "gpt4": "cl100k_base", "gpt4o": "o200k_base"}
 # The architecture: a resumed run takes these from its snapshot.
-ARCH_FIELDS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "tokenizer")
+ARCH_FIELDS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "layer_norm_epsilon",
+               "tokenizer")
 TOKENIZER_VOCAB = {"gpt2": 50257, "gpt4": 100277, "gpt4o": 200019}  # n_vocab, for offline counts
 
 # name -> (default, help). Order is the order of --help.
@@ -36,6 +37,8 @@ FIELDS = {
     "num_layers": (4, "decoder blocks"),
     "d_ff": (512, "width of the MLP in each block"),
     "max_seq_len": (256, "context length in tokens"),
+    "layer_norm_epsilon": (1e-6, "LayerNorm's epsilon (GPT-2's checkpoints, for --init_from, use "
+                           "1e-5)"),
     "dropout": (0.1, "dropout on embeddings, attention output and MLP output, in [0, 1)"),
     "attention": ("auto", "attention kernel: auto (cuDNN flash on GPU, else XLA) | cudnn | xla"),
     "compute_dtype": ("auto", "activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | "
@@ -163,6 +166,7 @@ def validate(config) -> None:
   need(config.d_model % config.num_heads == 0, "d_model",
        f"must be divisible by num_heads ({config.num_heads})")
   need(0.0 <= config.dropout < 1.0, "dropout", "must be in [0, 1)")
+  need(config.layer_norm_epsilon > 0, "layer_norm_epsilon", "must be > 0")
   need(config.lr >= 0, "lr", "must be >= 0")
   need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
   need(0.0 <= config.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")

@@ -13,10 +13,9 @@ parameter holds all three and the function is the one with them. What differs:
   position's real logits, which by Jensen's inequality adds at most log(1 + pad / n_vocab) to the
   loss (9.4e-4 for gpt2's 47 rows), and far less for a trained model, whose logits spread; a zero
   row would score 0, above every logit of GPT-2's own checkpoints, which are far below 0.
-- LayerNorm's epsilon: gptjax's is flax's (1e-6), written into the exported config. GPT-2's
-  checkpoints say 1e-5, which gptjax's ModelConfig cannot take: such a model runs with 1e-6, which
-  changes a LayerNorm's output by about 4.5e-6 / var relative (var: the variance of its input,
-  smallest at the first block's, the embeddings'), and the import logs it.
+- nothing else: LayerNorm's epsilon is the model's (--layer_norm_epsilon; GPT-2's checkpoints
+  use 1e-5, gptjax's default is flax's 1e-6), written into the exported config and checked on
+  import like every other architecture field.
 `transformers` is not needed here: safetensors reads and writes the weights (torch only for a
 `pytorch_model.bin`); both are the optional `hf` extra.
 """
@@ -30,9 +29,9 @@ from flax import traverse_util
 
 from gptjax import checkpoint, config as config_lib
 from gptjax.config import ConfigError
-from gptjax.model import LayerNorm, padded_vocab_size
+from gptjax.model import ModelConfig, padded_vocab_size
 
-LAYER_NORM_EPSILON = LayerNorm.epsilon
+DEFAULT_EPSILON = ModelConfig.layer_norm_epsilon  # a model recorded before the field: flax's
 # The tanh approximation of GELU (kernels.gelu_tanh) under transformers' names.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # tiktoken's end-of-text ids.
@@ -70,7 +69,8 @@ def hf_config(arch: dict, tokenizer: str, n_vocab: int) -> dict:
   return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": n_vocab,
           "n_positions": arch["max_seq_len"], "n_embd": arch["d_model"],
           "n_layer": arch["num_layers"], "n_head": arch["num_heads"], "n_inner": arch["d_ff"],
-          "activation_function": "gelu_new", "layer_norm_epsilon": LAYER_NORM_EPSILON,
+          "activation_function": "gelu_new",
+          "layer_norm_epsilon": arch.get("layer_norm_epsilon", DEFAULT_EPSILON),
           # gptjax drops out embeddings and both residual branches, never attention weights.
           "embd_pdrop": arch["dropout"], "resid_pdrop": arch["dropout"], "attn_pdrop": 0.0,
           "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": eot,
@@ -172,7 +172,8 @@ def architecture(path: str) -> dict:
           if os.path.isfile(os.path.join(path, "model.json"))
           else checkpoint.read_meta(path)["model"])
   return dict({k: info["model"][k] for k in _ARCH + ("max_seq_len",)}, n_vocab=info["n_vocab"],
-              tokenizer=info["tokenizer"], layer_norm_epsilon=LAYER_NORM_EPSILON)
+              tokenizer=info["tokenizer"],
+              layer_norm_epsilon=info["model"].get("layer_norm_epsilon", DEFAULT_EPSILON))
 
 
 def check_init_from(config) -> dict:
@@ -188,6 +189,11 @@ def check_init_from(config) -> dict:
     raise ConfigError(f"init_from: the model has max_seq_len={arch['max_seq_len']} (positions) "
                       f"but the config has max_seq_len={config.max_seq_len}; give --max_seq_len "
                       f"{arch['max_seq_len']} or less")
+  eps = arch["layer_norm_epsilon"]
+  if eps != config.layer_norm_epsilon:
+    raise ConfigError(f"init_from: the model has layer_norm_epsilon={eps:g} but the config has "
+                      f"layer_norm_epsilon={config.layer_norm_epsilon:g}; give "
+                      f"--layer_norm_epsilon {eps:g}")
   if "tokenizer" in arch and arch["tokenizer"] != config.tokenizer:
     raise ConfigError(f"init_from: the model has tokenizer={arch['tokenizer']} but the config has "
                       f"tokenizer={config.tokenizer}; give --tokenizer {arch['tokenizer']}")
@@ -262,9 +268,6 @@ def initial_params(config, target):
     notes.append(f"vocabulary padded from {flat['wte/embedding'].shape[0]} to {vocab_size} rows "
                  "with their mean")
     flat["wte/embedding"] = _pad_vocabulary(flat["wte/embedding"], vocab_size)
-  if arch["layer_norm_epsilon"] != LAYER_NORM_EPSILON:
-    notes.append(f"its LayerNorm epsilon {arch['layer_norm_epsilon']:g} runs as gptjax's "
-                 f"{LAYER_NORM_EPSILON:g}")
   want = traverse_util.flatten_dict(target, sep="/")
   for name, leaf in want.items():
     if name not in flat or flat[name].shape != leaf.shape:

@@ -28,6 +28,7 @@ class ModelConfig:
   dtype: jnp.dtype = jnp.float32
   attention: str = "xla"     # "xla" | "cudnn"
   remat: bool = False
+  layer_norm_epsilon: float = 1e-6  # flax's; GPT-2's checkpoints use 1e-5
 
 
 def padded_vocab_size(n_vocab: int, multiple: int = 128) -> int:
@@ -373,11 +374,11 @@ class Block(nn.Module):
   def __call__(self, x_BTD, deterministic: bool, cache_index=None):
     cfg = self.config
     B, T, D = x_BTD.shape
-    x_ND, h_ND = LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD.reshape(B * T, D), residual=True)
+    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln1")(x_BTD.reshape(B * T, D), residual=True)
     x_ND = x_ND + CausalSelfAttention(cfg, name="attn")(
         h_ND.reshape(B, T, D), deterministic=deterministic, cache_index=cache_index)
     bias_columns = BIAS_COLUMNS if fused_mlp_backward(cfg.dtype, cfg.d_ff) else 0
-    x_ND, h_ND = LayerNorm(dtype=cfg.dtype, name="ln2")(x_ND, residual=True,
+    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln2")(x_ND, residual=True,
                                                         bias_columns=bias_columns)
     x_ND = x_ND + MLP(cfg, name="mlp")(h_ND, deterministic=deterministic)
     return x_ND.reshape(B, T, D)
@@ -409,7 +410,7 @@ class GPT(nn.Module):
     block = nn.remat(Block, static_argnums=(2,)) if cfg.remat and not decode else Block
     for i in range(cfg.num_layers):
       x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
-    x_BTD = LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
+    x_BTD = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln_f")(x_BTD)
     # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
     w_VD = wte.embedding.astype(cfg.dtype)
     if not head:

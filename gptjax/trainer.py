@@ -59,6 +59,7 @@ def model_config(config, n_vocab: int) -> ModelConfig:
   return ModelConfig(vocab_size=padded_vocab_size(n_vocab), d_model=config.d_model,
                      num_heads=config.num_heads, num_layers=config.num_layers, d_ff=config.d_ff,
                      max_seq_len=config.max_seq_len, dropout=config.dropout,
+                     layer_norm_epsilon=config.layer_norm_epsilon,
                      dtype=jnp.dtype(dtype), attention=attention, remat=config.remat)
 
 

@@ -22,10 +22,9 @@ from gptjax.checkpoint import load_model
 from gptjax.model import GPT
 from conftest import read_run_log
 
-# As the gpt2 checkpoints (n_inner 4 * n_embd), shrunk; gptjax's LayerNorm epsilon, so that the
-# function is exactly the same (GPT-2's 1e-5 is test_gpt2s_epsilon_and_pytorch_model_bin's).
+# As the gpt2 checkpoints (n_inner 4 * n_embd, LayerNorm epsilon 1e-5), shrunk.
 TINY_GPT2 = dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=50257,
-                 layer_norm_epsilon=1e-6)
+                 layer_norm_epsilon=1e-5)
 
 
 def _save_gpt2(folder, seed=0, **overrides):
@@ -53,7 +52,7 @@ def _hf_config(make_tiny_config, out, init_from):
   """The tests' tiny run with the tiny GPT-2's architecture, a few steps long."""
   config = make_tiny_config(out)
   config.update(d_ff=128, max_samples=60, epochs=1, init_from=init_from, weight_monitor=False,
-                delete_snapshots_after_training=False)
+                delete_snapshots_after_training=False, layer_norm_epsilon=1e-5)
   return config
 
 
@@ -151,15 +150,19 @@ def test_exported_then_imported_is_the_same_model(run, tmp_path):
 
 
 def test_gpt2s_epsilon_and_pytorch_model_bin(tmp_path, make_tiny_config):
-  # GPT-2's checkpoints: LayerNorm epsilon 1e-5 (logged: gptjax runs 1e-6), and the older
-  # pytorch_model.bin, read as the same weights as model.safetensors.
-  st = _save_gpt2(tmp_path / "st", layer_norm_epsilon=1e-5)
+  # GPT-2's LayerNorm epsilon, 1e-5, must be the config's (gptjax's default is 1e-6); the older
+  # pytorch_model.bin reads as the same weights as model.safetensors.
+  st = _save_gpt2(tmp_path / "st")
   pt = _as_pytorch_model_bin(st, tmp_path / "pt")
   config = _hf_config(make_tiny_config, tmp_path / "run", st)
+  config.layer_norm_epsilon = 1e-6
+  with pytest.raises(ConfigError, match=r"layer_norm_epsilon=1e-05 but the config has "
+                                        r"layer_norm_epsilon=1e-06; give --layer_norm_epsilon"):
+    hf.check_init_from(config)
+  config.layer_norm_epsilon = 1e-5
   mcfg = trainer.model_config(config, 50257)
   target = GPT(mcfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  from_st, how = hf.initial_params(config, target)
-  assert how.endswith("its LayerNorm epsilon 1e-05 runs as gptjax's 1e-06")
+  from_st, _ = hf.initial_params(config, target)
   config.init_from = pt
   from_pt, _ = hf.initial_params(config, target)
   jax.tree.map(np.testing.assert_array_equal, from_st, from_pt)
@@ -217,7 +220,7 @@ def test_a_mismatch_is_one_line_naming_it(tmp_path, make_tiny_config, gpt2_folde
   # The command line: --check_only says it in one line, exit code 2.
   args = [f"--{k}={config[k]}" for k in ("dataset", "data_cache_dir", "output_dir", "d_model",
                                          "num_heads", "num_layers", "d_ff", "max_seq_len",
-                                         "tokenizer", "init_from")]
+                                         "layer_norm_epsilon", "tokenizer", "init_from")]
   capsys.readouterr()
   with pytest.raises(SystemExit) as exit_info:
     train.main(["train", *args, "--check_only"])
