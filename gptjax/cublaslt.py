@@ -2,7 +2,7 @@
 
 d_pre = (dy @ w) * gelu'(pre) in one cuBLASLt matmul whose epilogue reads the saved
 pre-activation, and d_bias = d_pre summed over rows by XLA: XLA has no such epilogue, and without
-it d(h) = dy @ w is written out and read back by a separate GELU-backward pass (bench/PERF_LOG.md,
+it d(h) = dy @ w is written out and read back by a separate GELU-backward pass (bench/HISTORY.md,
 item 44).
 
 The op is an XLA FFI custom call (gptjax/csrc/dgelu_bgrad.cc), compiled with the host's C++
@@ -142,7 +142,7 @@ def dgelu_bgrad(dy_ND, w_DF, pre_NF, algo_rank: int = 0, bias_grad: bool = False
 
   d_pre comes from one cuBLASLt matmul with the DGELU epilogue; d_bias is XLA's reduction of it
   (available() must be True). With `bias_grad`, cuBLASLt's DGELU_BGRAD epilogue computes d_bias
-  too (in bf16, the output's type): 2.3x slower on an H100 (bench/PERF_LOG.md, item 44), kept for
+  too (in bf16, the output's type): slower (bench/HISTORY.md, item 44), kept for
   bench/mlp_backward.py. All three inputs bf16; `algo_rank` picks the heuristic's n-th algorithm
   (0: its first choice)."""
   n, f = pre_NF.shape

@@ -6,7 +6,8 @@
 PATH is a final model (`models/model_<TIMESTAMP>/`) or a snapshot (`snapshots/snapshot_<step>/`);
 its record (architecture, tokenizer, vocabulary size, dataset) is all that is needed
 (`checkpoint.load_model`). The split runs through the trainer's own jitted eval step and
-`mean_loss`, the loop the trainer runs too, so the loss is the one the trainer reported for the same weights and split: the token-weighted mean over every token after
+`mean_loss`, the loop the trainer runs too, so the loss is the one the trainer reported for the
+same weights and split: the token-weighted mean over every token after
 the first. Perplexity is exp(loss). Bits per byte is the summed loss in bits over the UTF-8 bytes
 of the split's text, counted from its tokens (byte-level BPE decodes losslessly, so this is the
 text's byte count; end-of-text counts 0 bytes, as it is no text).
@@ -36,8 +37,8 @@ _FALLBACK_BATCH = 16
 def mean_loss(eval_step, params, tokens, seq_len: int, batch_size: int, mesh=None,
               stop=None, desc: str = "") -> float | None:
   """Token-weighted mean loss over the whole split; over `mesh`, each process feeds its rows.
-  None if `stop` (the trainer's signal flag) was signalled: it stops at the next batch. With `desc`, a
-  progress bar (on a terminal only)."""
+  None if `stop` (the trainer's signal flag) was signalled: it stops at the next batch. With
+  `desc`, a progress bar (on a terminal only)."""
   rows, put = sharding.batch_feeder(mesh, batch_size) if mesh else (slice(None), jax.device_put)
   batches = (tuple(x[rows] for x in b) for b in data.eval_batches(tokens, seq_len, batch_size))
   n_batches = math.ceil(math.ceil((len(tokens) - 1) / seq_len) / batch_size)

@@ -7,7 +7,7 @@ per-row factor that the output head's backward matmuls apply (gptjax.step.head_l
 and one write of each row, where d(logits) itself needs the row's logsumexp before it can be
 written (two reads). `logsumexp` and `softmax_cross_entropy_grad` serve per-token losses
 (evaluation) and their gradient: 2.9 TB/s on an H100 (3.35 is the card's peak) where XLA's fused
-reduction reaches 1.7 for the logsumexp. bench/PERF_LOG.md has the figures.
+reduction reaches 1.7 for the logsumexp. bench/HISTORY.md has the figures.
 
 GELU. `bias_gelu_grad` is the backward pass of the MLP's GELU(x W + b): d(pre-activation) and the
 bias gradient from one read of the saved pre-activation and of d(y), where XLA reduced the bias
@@ -140,7 +140,7 @@ def _deferred_kernel(x_ref, target_ref, e_ref, lse_ref, target_logit_ref, sum_re
     block_max = jnp.max(x)
     far = (first_far < n_block) | (block_max > c + DEFER_LIMIT)
     # From the first far block on, the logits are left as they are. (A mask that varies within a
-    # block, as one leaving out the target's column would, makes the stores scalar: 2.6x slower.)
+    # block, as one leaving out the target's column would, makes the stores scalar, far slower.)
     e = jnp.exp(x - c)
     plgpu.store(e_ref.at[col], e.astype(e_ref.dtype), mask=mask & ~far)
     return (s + jnp.where(far, 0.0, jnp.sum(e)), jnp.maximum(m, block_max),
@@ -188,8 +188,8 @@ def softmax_cross_entropy_deferred(logits, targets, scale: float):
 
   The target's column is set after the kernel, by a scatter of N values into e's buffer, in place:
   a store of that one column inside the kernel would be a mask varying within a block, which
-  makes Triton's stores scalar (2.6x slower), or a second store to the same address by another
-  thread."""
+  makes Triton's stores scalar (far slower: bench/HISTORY.md), or a second store to the same
+  address by another thread."""
   f32 = jax.ShapeDtypeStruct((), jnp.float32)
   call = _per_row_call(functools.partial(_deferred_kernel, block=DEFER_BLOCK),
                        (jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), f32, f32, f32),

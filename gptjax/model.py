@@ -54,7 +54,7 @@ def gelu(x):
   """jax.nn.gelu(x, approximate=True), returned in x's dtype (_gelu_form), with a backward pass
   that recomputes tanh from x (the MLP's saved pre-activation) behind an optimization barrier, so
   nothing else is saved. Autodiff through jax.nn.gelu makes XLA keep an extra activation-sized
-  intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch 32 (bench/PERF_LOG.md).
+  intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch 32 (bench/HISTORY.md).
   """
   return _gelu_form(x)
 
@@ -133,7 +133,7 @@ class DenseGELU(_Dense):
     if kernels.enabled():
       return bias_gelu(h_NF, bias)
     # The bias add's own autodiff: XLA fuses its gradient into gelu's backward pass (reduced
-    # inside a custom VJP, XLA made it a separate pass, 2x slower: bench/PERF_LOG.md).
+    # inside a custom VJP, XLA made it a separate, slower pass: bench/HISTORY.md).
     return gelu(h_NF + bias)
 
 
@@ -165,7 +165,7 @@ def gelu_mlp(x_NK, w1_KF, w2_FD):
   forward matmul's GELU_AUX epilogue saved. (Where the op does not apply, the same arithmetic in
   XLA: dgelu_bgrad_reference.) The first layer's bias comes in x's ones column and w1's bias row
   (with_bias_row), so that its gradient is a row of w1's gradient matmul: no bias epilogue
-  forward, no separate sum over the rows backward (bench/PERF_LOG.md, item 48). Cotangents come
+  forward, no separate sum over the rows backward (bench/HISTORY.md, item 48). Cotangents come
   back in the primals' dtypes."""
   return _gelu_mlp_fwd(x_NK, w1_KF, w2_FD)[0]
 
@@ -237,7 +237,7 @@ def qkv_matmuls(x, kernel, q_bias):
   with a plain matmul's output as its first operand: XLA's cuBLAS rewriter turns an add into a
   matmul's C input (beta = 1) only when the add's first operand is a matmul without one, and
   autodiff's order, ((dv Wv^T + dk Wk^T) + dq Wq^T), left the second add a pass of its own
-  (0.6 ms per 32 sequences of the medium preset on an H100)."""
+  (bench/HISTORY.md)."""
   return _qkv_matmuls_fwd(x, kernel, q_bias)[0]
 
 
@@ -270,7 +270,7 @@ class QKVDense(_Dense):
   On one GPU with XLA's dot merger off (gptjax.xla_flags) it runs three matmuls on column
   slices of the kernel, so that q, k and v each leave their own matmul contiguous, as cuDNN's
   attention takes them; slicing one (B, T, 3D) output copies them, and their gradients are
-  concatenated (2.4 ms of the medium preset's 62 ms step on an H100). With the merger on, XLA
+  concatenated (bench/HISTORY.md). With the merger on, XLA
   merges the three back into one matmul, sliced: there, and elsewhere, it is one matmul.
 
   The three matmuls leave k and v without their biases, which attention does not need where
@@ -374,12 +374,13 @@ class Block(nn.Module):
   def __call__(self, x_BTD, deterministic: bool, cache_index=None):
     cfg = self.config
     B, T, D = x_BTD.shape
-    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln1")(x_BTD.reshape(B * T, D), residual=True)
+    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln1")(
+        x_BTD.reshape(B * T, D), residual=True)
     x_ND = x_ND + CausalSelfAttention(cfg, name="attn")(
         h_ND.reshape(B, T, D), deterministic=deterministic, cache_index=cache_index)
     bias_columns = BIAS_COLUMNS if fused_mlp_backward(cfg.dtype, cfg.d_ff) else 0
-    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln2")(x_ND, residual=True,
-                                                        bias_columns=bias_columns)
+    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln2")(
+        x_ND, residual=True, bias_columns=bias_columns)
     x_ND = x_ND + MLP(cfg, name="mlp")(h_ND, deterministic=deterministic)
     return x_ND.reshape(B, T, D)
 

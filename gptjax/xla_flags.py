@@ -10,7 +10,7 @@ import re
 # Dense layers, the residual add after a projection (beta=1) and the MLP's GELU (BIAS_GELU_AUX,
 # see gptjax.model.gelu) then run inside the matmul instead of as separate passes over memory.
 # XLA fuses epilogues only in its cuBLAS rewriter; matmuls that go through the Triton GEMM
-# autotuner come back without them, hence the second flag. bench/PERF_LOG.md has the A/B.
+# autotuner come back without them, hence the second flag. bench/HISTORY.md has the A/B.
 GPU_XLA_FLAGS = (
     "--xla_gpu_enable_cublaslt=true",
     "--xla_gpu_enable_triton_gemm=false",
@@ -19,9 +19,8 @@ GPU_XLA_FLAGS = (
 # One GPU: XLA's dot merger off. It merges matmuls that share an operand into one, and would
 # merge the attention's q, k and v projections (gptjax.model.QKVDense: three matmuls, so that
 # each leaves its matmul contiguous for cuDNN's attention) back into one whose output is then
-# sliced (copies) and whose gradients are concatenated. Measured on one H100: the medium preset
-# at batch 128 +2.1% tokens/s, equal at batch 32; with the merger on the three matmuls are 2%
-# slower than one (bench/PERF_LOG.md). Not with several GPUs, where it is not measured (a process
+# sliced (copies) and whose gradients are concatenated: faster on one GPU at large batches
+# (bench/HISTORY.md has the figures). Not with several GPUs, where it is not measured (a process
 # that sees one GPU of a multi-process run gets the flag, and the model keeps one matmul there).
 ONE_GPU_XLA_FLAGS = ("--xla_disable_hlo_passes=dot-merger",)
 

@@ -6,7 +6,7 @@
 // d(h) = dy @ w is written, then read again with pre by a separate GELU-backward pass. With the
 // attribute bias_grad = 1 the epilogue is DGELU_BGRAD and d_bias (F,) = d_pre summed over rows is
 // written too, in bf16; on an H100 it is 2.3x slower than DGELU with XLA's reduction
-// (bench/PERF_LOG.md, item 44), so gptjax/cublaslt.py uses it only in bench/mlp_backward.py.
+// (bench/HISTORY.md, item 44), so gptjax/cublaslt.py uses it only in bench/mlp_backward.py.
 // The layout is apex's (A = w untransposed): a first form with A transposed, the aux data type
 // set and a float32 bias gradient got CUBLAS_STATUS_INVALID_VALUE from cuBLASLt 13.
 // Built and registered by gptjax/cublaslt.py; the workspace is a third result that the caller
