@@ -2,6 +2,7 @@
 a shrunken config that trains on it in seconds on the CPU. Nothing outside the repository is read."""
 import glob
 import os
+import shutil
 import struct
 
 import pytest
@@ -43,6 +44,35 @@ def make_tiny_config(corpus, token_cache):
                   d_model=32, num_heads=2, num_layers=2, d_ff=64, max_seq_len=32, batch_size=8,
                   epochs=2, lr=3e-3, warmup_steps=10, log_interval=25, dropout=0.1,
                   sample_prompts="", weight_monitor_interval=25, sanity_check_interval=25)
+    return config
+  return make
+
+
+# On top of tiny_config, a run whose snapshots the resume tests read: 6 steps per epoch on
+# short_corpus, a snapshot every 3 steps, the newest 3 kept after training.
+SNAPSHOT_RUN = dict(max_samples=20, snapshot_interval=3, keep_last_n_snapshots=3, log_interval=1,
+                    delete_snapshots_after_training=False)
+
+
+def copy_corpus(corpus, folder, n_valid=15, n_test=10) -> str:
+  """`corpus` with short validation and test splits (runs that evaluate after every epoch and at
+  the end: exactness does not need long ones)."""
+  os.makedirs(folder)
+  shutil.copy(os.path.join(corpus, "train.txt"), os.path.join(folder, "train.txt"))
+  for split, n_lines in (("valid", n_valid), ("test", n_test)):
+    _head(os.path.join(corpus, f"{split}.txt"), os.path.join(folder, f"{split}.txt"), n_lines)
+  return str(folder)
+
+
+@pytest.fixture(scope="session")
+def make_snapshot_config(make_tiny_config, corpus, tmp_path_factory):
+  """make(output_dir, **changes): tiny_config plus SNAPSHOT_RUN on the short corpus."""
+  short = copy_corpus(corpus, tmp_path_factory.mktemp("corpus") / "short")
+
+  def make(output_dir, **changes):
+    config = make_tiny_config(output_dir)
+    config.update(dataset=short, **SNAPSHOT_RUN)
+    config.update(**changes)
     return config
   return make
 

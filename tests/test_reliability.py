@@ -22,40 +22,13 @@ import pytest
 
 from gptjax import checkpoint, evaluate as evaluate_lib, reporting, rundir, train, trainer
 from gptjax.config import ConfigError
-from conftest import REPO, read_run_log, same_tree
+from conftest import REPO, SNAPSHOT_RUN, copy_corpus, read_run_log, same_tree
 
 pytestmark = pytest.mark.usefixtures("xla_cache")  # each run compiles the tiny programs once
 
-# On top of tiny_config: 6 steps per epoch, a snapshot every 3 steps, snapshots kept.
-RUN = dict(max_samples=20, snapshot_interval=3, keep_last_n_snapshots=3, log_interval=1,
-           delete_snapshots_after_training=False)
-
-
-def copy_corpus(corpus, folder, n_valid=15, n_test=10):
-  """The shared corpus with short validation and test splits (exactness needs no long ones)."""
-  os.makedirs(folder)
-  shutil.copy(os.path.join(corpus, "train.txt"), os.path.join(folder, "train.txt"))
-  for split, n_lines in (("valid", n_valid), ("test", n_test)):
-    with open(os.path.join(corpus, f"{split}.txt")) as f:
-      lines = f.readlines()[:n_lines]
-    with open(os.path.join(folder, f"{split}.txt"), "w") as f:
-      f.writelines(lines)
-  return str(folder)
-
-
 @pytest.fixture(scope="module")
-def short_corpus(corpus, tmp_path_factory):
-  return copy_corpus(corpus, tmp_path_factory.mktemp("corpus") / "short")
-
-
-@pytest.fixture(scope="module")
-def make_config(make_tiny_config, short_corpus):
-  def make(output_dir, **changes):
-    config = make_tiny_config(output_dir)
-    config.update(dataset=short_corpus, **RUN)
-    config.update(**changes)
-    return config
-  return make
+def make_config(make_snapshot_config):
+  return make_snapshot_config
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +130,7 @@ def test_a_relative_run_resumes_from_anywhere_on_its_own_data_and_settings(
   copy_corpus(corpus, elsewhere / "data", n_valid=30, n_test=20)  # same name, other text
   monkeypatch.chdir(here)
   config = make_tiny_config("run")
-  config.update(RUN, dataset="data", output_dir="run")
+  config.update(SNAPSHOT_RUN, dataset="data", output_dir="run")
   signal_during_step(monkeypatch, 2)
   code, out, _ = main(cli_args(config), capsys)
   monkeypatch.undo()
@@ -239,7 +212,7 @@ def test_log_files_of_runs_in_one_second_never_collide(tmp_path):
 # ----------------------------------------------------------------------------- 5, 7: after training
 
 def test_a_run_that_fails_after_its_last_epoch_finishes_on_resume(
-    reference, make_config, short_corpus, tmp_path, monkeypatch, capsys):
+    reference, make_config, tmp_path, monkeypatch, capsys):
   """Item 5 and 7: a full disk while the final model is written, then SIGTERM during the test
   evaluation; each time --resume finishes what was left, ending with the reference's model."""
   config = make_config(tmp_path / "run")
@@ -263,7 +236,7 @@ def test_a_run_that_fails_after_its_last_epoch_finishes_on_resume(
 
   # SIGTERM during the test evaluation of the resumed run: it stops, nothing lost.
   from gptjax import data
-  n_test = len(data.load_tokens(short_corpus, "test", "gpt2", cache_dir=config.data_cache_dir))
+  n_test = len(data.load_tokens(config.dataset, "test", "gpt2", cache_dir=config.data_cache_dir))
   signal_during_evaluation(monkeypatch, n_test)
   code, out, _ = main(["--output_dir", run_dir, "--resume", "--yes"], capsys)
   monkeypatch.undo()
@@ -413,10 +386,10 @@ def test_sighup_saves_and_a_second_signal_stops_at_once(make_config, tmp_path, m
 
 
 def test_a_signal_during_validation_snapshots_and_resumes_exactly(
-    reference, make_config, short_corpus, tmp_path, monkeypatch):
+    reference, make_config, tmp_path, monkeypatch):
   from gptjax import data
   config = make_config(tmp_path / "run")
-  n_valid = len(data.load_tokens(short_corpus, "valid", "gpt2", cache_dir=config.data_cache_dir))
+  n_valid = len(data.load_tokens(config.dataset, "valid", "gpt2", cache_dir=config.data_cache_dir))
   signal_during_evaluation(monkeypatch, n_valid, call=2)  # epoch 1's validation
   first = trainer.train_and_evaluate(config.copy_and_resolve_references())
   monkeypatch.undo()

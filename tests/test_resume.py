@@ -27,32 +27,14 @@ from conftest import REPO, same_tree
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a snapshot still being written
 SNAPSHOT_RE = re.compile(r"^snapshot_(\d+)$")
-# On top of tiny_config: 6 steps per epoch, a snapshot every 3 steps, snapshots kept.
-RUN = dict(max_samples=20, snapshot_interval=3, keep_last_n_snapshots=3, log_interval=1,
-           delete_snapshots_after_training=False)
 TIMEOUT_S = 300
-
 
 pytestmark = pytest.mark.usefixtures("xla_cache")
 
 
 @pytest.fixture(scope="module")
-def make_config(make_tiny_config, corpus, tmp_path_factory):
-  """tiny_config plus RUN, on the shared corpus with short validation and test splits (each run
-  here evaluates after every epoch and at the end; exactness does not need long ones)."""
-  folder = tmp_path_factory.mktemp("corpus") / "wt2short"
-  folder.mkdir()
-  shutil.copy(os.path.join(corpus, "train.txt"), folder / "train.txt")
-  for split, n_lines in (("valid", 15), ("test", 10)):
-    with open(os.path.join(corpus, f"{split}.txt")) as f:
-      (folder / f"{split}.txt").write_text("".join(f.readlines()[:n_lines]))
-
-  def make(output_dir, **changes):
-    config = make_tiny_config(output_dir)
-    config.update(dataset=str(folder), **RUN)
-    config.update(**changes)
-    return config
-  return make
+def make_config(make_snapshot_config):
+  return make_snapshot_config
 
 
 def resume_of(config, **changes):
