@@ -125,8 +125,9 @@ class Snapshots:
     temporary directory: a snapshot gets its final name with its manifest, or not at all."""
     if jax.process_index() != 0:
       return
-    (tmp,) = glob.glob(glob.escape(self.path(self._saving)) + _TMP_SUFFIX + "*")
-    write_manifest(tmp)
+    tmp = glob.glob(glob.escape(self.path(self._saving)) + _TMP_SUFFIX + "*")
+    # Where Orbax writes in place (no temporary directory), the step's own directory.
+    write_manifest(tmp[0] if len(tmp) == 1 else self.path(self._saving))
 
   def check(self) -> None:
     """Raises the error of a save that failed in the background (e.g. the disk is full), so the
