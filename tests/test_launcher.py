@@ -114,8 +114,8 @@ def _printed(stdout, label):
 
 
 class FakeProject:
-  """tmp_path/proj holding a copy of run/run_train_lm.sh, and a ../shared beside it that the
-  launcher must not read."""
+  """tmp_path/proj holding a copy of run/run_train_lm.sh, and a folder `shared` beside it (as a
+  developer's checkout has) that the launcher must not read."""
 
   def __init__(self, tmp_path):
     self.tmp = tmp_path
