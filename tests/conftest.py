@@ -114,10 +114,11 @@ def read_tensorboard_scalars(run_dir: str) -> dict:
   return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def xla_cache(tmp_path_factory):
-  """One persistent compilation cache for a module's runs, in process and in subprocesses (whose
-  environment takes the returned variables): each compiles the tiny programs once."""
+  """One persistent compilation cache for the whole suite, in process and in subprocesses (whose
+  environment takes the returned variables): the many runs of the same tiny programs compile
+  them once."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
   path = str(tmp_path_factory.mktemp("xla_cache"))

@@ -24,8 +24,6 @@ from gptjax import checkpoint, evaluate as evaluate_lib, reporting, rundir, trai
 from gptjax.config import ConfigError
 from conftest import REPO, SNAPSHOT_RUN, copy_corpus, read_run_log, same_tree
 
-pytestmark = pytest.mark.usefixtures("xla_cache")  # each run compiles the tiny programs once
-
 @pytest.fixture(scope="module")
 def make_config(make_snapshot_config):
   return make_snapshot_config

@@ -29,8 +29,6 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a snapshot still being w
 SNAPSHOT_RE = re.compile(r"^snapshot_(\d+)$")
 TIMEOUT_S = 300
 
-pytestmark = pytest.mark.usefixtures("xla_cache")
-
 
 @pytest.fixture(scope="module")
 def make_config(make_snapshot_config):
