@@ -77,6 +77,17 @@ def make_snapshot_config(make_tiny_config, corpus, tmp_path_factory):
   return make
 
 
+@pytest.fixture(scope="module")
+def reference(make_snapshot_config, tmp_path_factory):
+  """(config, result) of one uninterrupted snapshot run, its snapshots kept: the yardstick of a
+  module's interrupted and resumed runs."""
+  from gptjax import trainer
+  config = make_snapshot_config(tmp_path_factory.mktemp("reference") / "run")
+  result = trainer.train_and_evaluate(config.copy_and_resolve_references())
+  assert result["status"] == "completed"
+  return config, result
+
+
 @pytest.fixture
 def tiny_config(make_tiny_config, tmp_path):
   return make_tiny_config(tmp_path / "run")

@@ -29,15 +29,6 @@ def make_config(make_snapshot_config):
   return make_snapshot_config
 
 
-@pytest.fixture(scope="module")
-def reference(make_config, tmp_path_factory):
-  """(config, result) of one uninterrupted run, its snapshots kept."""
-  config = make_config(tmp_path_factory.mktemp("reference") / "run")
-  result = trainer.train_and_evaluate(config.copy_and_resolve_references())
-  assert result["status"] == "completed"
-  return config, result
-
-
 def main(argv, capsys) -> tuple[int, str, str]:
   """(exit code, stdout, stderr) of `python -m gptjax.train ARGV`, run in this process."""
   capsys.readouterr()

@@ -41,15 +41,6 @@ def resume_of(config, **changes):
   return config
 
 
-@pytest.fixture(scope="module")
-def reference(make_config, tmp_path_factory):
-  """(config, result) of the uninterrupted run."""
-  config = make_config(tmp_path_factory.mktemp("reference") / "run")
-  result = trainer.train_and_evaluate(config.copy_and_resolve_references())
-  assert result["status"] == "completed"
-  return config, result
-
-
 def steps_per_epoch(result) -> int:
   return result["history"][0]["step"]
 
