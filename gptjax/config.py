@@ -24,11 +24,21 @@ TOKENIZER_VOCAB = {"gpt2": 50257, "gpt4": 100277, "gpt4o": 200019}  # n_vocab, f
 # name -> (default, help). Order is the order of --help.
 FIELDS = {
     # data
-    "dataset": ("wikitext-103", "wikitext (WikiText-2 raw), wikitext-103 (raw), or a folder with "
-                "train.txt, valid.txt (or validation.txt), test.txt, e.g. gptjax/assets/sample "
-                "(a WikiText-2 sample shipped with gptjax)"),
+    "dataset": ("wikitext-103", "wikitext (WikiText-2 raw), wikitext-103 (raw), hf:NAME[:CONFIG] "
+                "(a Hugging Face hub dataset with a text column, streamed), or a folder of .txt, "
+                ".jsonl or .parquet files per split (train.txt or train-*.EXT or train/, "
+                "likewise valid or validation, test), e.g. gptjax/assets/sample (a WikiText-2 "
+                "sample shipped with gptjax)"),
+    "text_column": ("text", "the column (field) holding the text, for hf: datasets and .jsonl or "
+                    ".parquet files"),
+    "hf_splits": ("train,validation,test", "an hf: dataset's split names for train, valid, test"),
+    "held_out_fraction": (0.0, "hold valid and test out of the training text, each this "
+                          "fraction of its pieces (documents, or 2048 lines of .txt), for a "
+                          "corpus without its own; 0 = the dataset's own splits"),
+    "tokenizer_threads": (0, "threads that tokenize a split not yet cached; 0 = every core"),
     "tokenizer": ("gpt2", "tiktoken encoding: gpt2 | gpt4 (cl100k_base) | gpt4o (o200k_base)"),
-    "max_samples": (0, "use only the first N training samples (lines); 0 = all"),
+    "max_samples": (0, "use only the first N training samples (lines of .txt, else documents); "
+                    "0 = all"),
     "data_cache_dir": ("", "where tokenized splits are cached; '' = $GPTJAX_CACHE or ~/.cache/gptjax"),
     # model
     "model_preset": ("", "tiny | small | medium, as --config configs/<preset>.py; '' = manual"),
@@ -126,9 +136,12 @@ def preset_path(name: str) -> str:
 
 
 def dataset_name(dataset: str) -> str:
-  """The name used in `result/lm_{name}`: the hub name, or a local folder's base name."""
+  """The name used in `result/lm_{name}`: the hub name (hf:OWNER/NAME:CONFIG gives NAME-CONFIG),
+  or a local folder's base name."""
   if dataset in HUB_DATASETS:
     return dataset
+  if dataset.startswith("hf:"):
+    return "-".join(filter(None, dataset[3:].rpartition("/")[2].split(":")))
   return os.path.basename(os.path.normpath(dataset))
 
 
@@ -147,12 +160,16 @@ def validate(config) -> None:
     if not ok:
       raise ConfigError(f"{field}: {getattr(config, field)!r} is not allowed; {allowed}")
 
-  need(config.dataset in HUB_DATASETS or os.path.isdir(config.dataset), "dataset",
-       "use wikitext, wikitext-103, or an existing folder holding train.txt/valid.txt/test.txt, "
-       f"e.g. the sample shipped with gptjax, {SAMPLE_DIR}")
-  if config.dataset not in HUB_DATASETS:
-    need(os.path.isfile(os.path.join(config.dataset, "train.txt")), "dataset",
-         "the folder must hold train.txt (and valid.txt or validation.txt, test.txt)")
+  need(config.dataset in HUB_DATASETS or config.dataset.startswith("hf:") and
+       bool(config.dataset[3:].split(":")[0]) or os.path.isdir(config.dataset), "dataset",
+       "use wikitext, wikitext-103, hf:NAME[:CONFIG], or an existing folder of .txt, .jsonl or "
+       f".parquet files per split, e.g. the sample shipped with gptjax, {SAMPLE_DIR}")
+  need(bool(config.text_column), "text_column", "name the column that holds the text")
+  need(len(config.hf_splits.split(",")) == 3 and all(config.hf_splits.split(",")), "hf_splits",
+       "three split names, comma-separated: train,valid,test (the hub's names)")
+  need(0.0 <= config.held_out_fraction < 0.5, "held_out_fraction",
+       "must be in [0, 0.5): valid and test each take this fraction (0: the dataset's own)")
+  need(config.tokenizer_threads >= 0, "tokenizer_threads", "must be 0 (every core) or positive")
   need(config.tokenizer in TOKENIZERS, "tokenizer", f"allowed: {', '.join(TOKENIZERS)}")
   need(config.model_preset in ("",) + PRESETS, "model_preset", f"allowed: {', '.join(PRESETS)}")
   for field in ("epochs", "batch_size", "grad_accum_steps", "d_model", "num_heads", "num_layers",

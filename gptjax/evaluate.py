@@ -81,13 +81,14 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
   model_config, params, info = checkpoint.load_model(model_path)
   run = info.get("config", {})  # the run's config, of a final model or a snapshot
   dataset = dataset or info["dataset"]
-  if dataset not in HUB_DATASETS and not os.path.isdir(dataset):
-    raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, or an "
-                      "existing folder holding train.txt/valid.txt/test.txt")
+  if dataset not in HUB_DATASETS and not dataset.startswith("hf:") and not os.path.isdir(dataset):
+    raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, "
+                      "hf:NAME[:CONFIG], or an existing folder of .txt, .jsonl or .parquet files "
+                      "per split")
   batch_size = batch_size or run.get("eval_batch_size") or run.get("batch_size") or _FALLBACK_BATCH
   # The train split as the run saw it (data applies max_samples to the train split only).
   tokens = data.load_tokens(dataset, split, info["tokenizer"], run.get("max_samples", 0),
-                            data_cache_dir)
+                            data_cache_dir, **data.source_options(run))
   if len(tokens) < 2:
     raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
   loss = mean_loss(make_eval_step(GPT(model_config)), params, tokens, model_config.max_seq_len,

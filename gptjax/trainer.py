@@ -150,7 +150,8 @@ def check(config, explicit: frozenset = frozenset(), can_ask: bool = False) -> R
   config_lib.validate(config)
   if config.init_from and not resume:
     hf.check_init_from(config)
-  data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir)
+  data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir, config.max_samples,
+                     **data.source_options(config))
   if resume and not config.yes and not can_ask:
     raise ConfigError("yes: standard input is not a terminal, so loading the snapshot cannot be "
                       "confirmed; add --yes (-y) to resume without asking")
@@ -321,7 +322,8 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
       raise ConfigError("resume: not confirmed; nothing was loaded")
 
   splits = {s: data.load_tokens(config.dataset, s, config.tokenizer, config.max_samples,
-                                config.data_cache_dir) for s in data.SPLITS}
+                                config.data_cache_dir, threads=config.tokenizer_threads,
+                                **data.source_options(config)) for s in data.SPLITS}
   for split, tokens in splits.items():
     if len(tokens) < config.max_seq_len + 1:
       raise ConfigError(f"max_seq_len: {config.max_seq_len} is longer than the tokenized "

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import tiktoken
 
-from gptjax import data
+from gptjax import data, sources
 from gptjax.config import ConfigError
 
 
 def test_token_cache_round_trip(corpus, tmp_path):
   cache = str(tmp_path / "cache")
   first = np.array(data.load_tokens(corpus, "valid", "gpt2", cache_dir=cache, log=lambda m: None))
-  files = sorted(os.listdir(cache))
-  assert any(f.endswith(".bin") for f in files) and any(f.endswith(".json") for f in files)
+  (folder,) = os.listdir(cache)  # one folder per split: its shards, then meta.json
+  assert sorted(os.listdir(os.path.join(cache, folder))) == ["00000.bin", "00000.json", "meta.json"]
   again = data.load_tokens(corpus, "valid", "gpt2", cache_dir=cache,
                            log=lambda m: pytest.fail("tokenized twice"))
   np.testing.assert_array_equal(first, again)
@@ -28,10 +28,10 @@ def test_token_cache_round_trip(corpus, tmp_path):
 
 def test_cache_meta_holds_the_fingerprint_of_its_ids(corpus, tmp_path):
   tokens = data.load_tokens(corpus, "test", "gpt2", cache_dir=str(tmp_path), log=lambda m: None)
-  (meta_name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-  with open(tmp_path / meta_name) as f:
+  (folder,) = os.listdir(tmp_path)
+  with open(tmp_path / folder / "meta.json") as f:
     meta = json.load(f)
-  assert meta["fingerprint"] == data.fingerprint(tokens)  # written with the ids, checked on load
+  assert meta["fingerprint"] == data.fingerprint(np.asarray(tokens))  # written with the ids
   assert meta["n_tokens"] == len(tokens) and meta["n_vocab"] == 50257
 
 
@@ -85,7 +85,7 @@ def test_eval_batches_predict_every_token_once():
 
 def test_missing_train_file_and_short_split_are_clear_errors(tmp_path):
   with pytest.raises(ConfigError, match="valid"):
-    data.load_text_rows(str(tmp_path), "valid")
+    sources.split_files(str(tmp_path), "valid")
   with pytest.raises(ConfigError, match="batch_size"):
     data.TrainWindows(np.arange(50, dtype=np.uint16), seq_len=9, batch_size=8, seed=0)
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gptjax import config as config_lib, data
+from gptjax import config as config_lib, data, sources
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_hub_dataset_offline_fails_fast_in_one_line(offline, monkeypatch, capfd)
   monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
   start = time.monotonic()
   with pytest.raises(config_lib.ConfigError) as e:
-    data.load_text_rows("wikitext", "valid")
+    sources.load_text_rows("wikitext", "valid")
   assert time.monotonic() - start < 15
   message = str(e.value)
   assert message.startswith("dataset: cannot load 'wikitext' from the Hugging Face Hub (no "

@@ -5,7 +5,7 @@ import hashlib
 import os
 import tomllib
 
-from gptjax import config as config_lib, data
+from gptjax import config as config_lib, sources
 from conftest import REPO
 
 
@@ -36,8 +36,8 @@ def test_sample_corpus_is_what_its_readme_says():
   with open(os.path.join(config_lib.SAMPLE_DIR, "README.md")) as f:
     readme = f.read()
   assert "CC BY-SA" in readme and "Merity" in readme
-  for split in data.SPLITS:
-    path = data.local_split_path(config_lib.SAMPLE_DIR, split)
+  for split in sources.SPLITS:
+    (path,) = sources.split_files(config_lib.SAMPLE_DIR, split)
     with open(path, "rb") as f:
       blob = f.read()
     assert hashlib.sha256(blob).hexdigest() in readme, split

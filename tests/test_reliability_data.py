@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gptjax import data
+from gptjax import data, sources
 from gptjax.config import ConfigError
 
 SPLIT_ALLOWED = "a split file must be UTF-8 text with at least one non-blank line"
@@ -41,8 +41,8 @@ def _loaders(folder, split, cache):
 
 
 def _cached_files(cache):
-  return sorted(f for f in os.listdir(cache) if f.endswith((".bin", ".json"))) \
-      if os.path.isdir(cache) else []
+  return sorted(os.path.join(root, f) for root, _, files in os.walk(cache) for f in files
+                if f.endswith((".bin", ".json")))
 
 
 # ----------------------------------------------------------------------------- split files
@@ -81,10 +81,10 @@ def test_utf8_check_follows_characters_across_its_blocks(tmp_path):
   head = b"a" * ((1 << 24) - 1)  # the check reads 16 MiB blocks: the 'é' straddles two
   path.write_bytes(head + "é".encode() + b"\nb\xff\n")
   with pytest.raises(ConfigError, match=f"byte 0xff at byte offset {len(head) + 4};"):
-    data.check_split_file(str(path))
+    sources.check_split_file(str(path))
   path.write_bytes(b"text\n\xc3")  # a character cut by the end of the file
   with pytest.raises(ConfigError, match="byte 0xc3 at byte offset 5;"):
-    data.check_split_file(str(path))
+    sources.check_split_file(str(path))
 
 
 @pytest.mark.parametrize("missing", ["train.txt", "valid.txt", "test.txt"])
@@ -96,9 +96,10 @@ def test_check_sources_needs_all_three_splits(folder, missing):
     data.check_sources(str(folder), "gpt2")
   split = missing.removesuffix(".txt")
   assert _one_line(e) == (
-      f"dataset: folder {str(folder)!r} has no {missing}"
-      + (" (or validation.txt)" if split == "valid" else "")
-      + "; a dataset folder holds train.txt, valid.txt (or validation.txt) and test.txt")
+      f"dataset: folder {str(folder)!r} has no {'valid or validation' if split == 'valid' else split} "
+      f"files ({split}.txt, {split}.jsonl, {split}.parquet, {split}-*.EXT or a {split}/ folder of "
+      "them); a dataset folder holds train, valid (or validation) and test files, or set "
+      "held_out_fraction to hold valid and test out of the train files")
 
 
 def test_check_sources_takes_validation_txt_and_hub_names(folder, tmp_path):
@@ -196,7 +197,7 @@ def test_a_read_only_home_is_never_written(folder, tmp_path):
   assert r.returncode == 0, r.stderr
   assert int(r.stdout) > 0
   assert (os.listdir(home) == []) if home.is_dir() else (home.read_text() == "")
-  assert (tmp_path / "cache" / "hf").is_dir()  # HF's own cache went under the token cache
+  assert _cached_files(tmp_path / "cache")  # the tokens went to the token cache
 
 
 # ----------------------------------------------------------------------------- token cache
@@ -253,8 +254,8 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_log_line(corpus, valid_cache, t
   # ids outside the vocabulary, training on them (NaN losses blamed on the learning rate).
   cache = shutil.copytree(valid_cache[0], tmp_path / "cache")
   expected = valid_cache[1]
-  (name,) = [f[:-4] for f in os.listdir(cache) if f.endswith(".bin")]
-  bin_path, meta_path = str(cache / f"{name}.bin"), str(cache / f"{name}.json")
+  (name,) = os.listdir(cache)  # the split's folder: one shard, 00000.bin and its 00000.json
+  bin_path, meta_path = str(cache / name / "00000.bin"), str(cache / name / "00000.json")
   harm, reason = DAMAGES[damage]
   harm(bin_path, meta_path, len(expected))
   logs = []
