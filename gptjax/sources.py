@@ -68,11 +68,9 @@ def split_files(folder: str, split: str, held_out: bool = False) -> list[str]:
     raise ConfigError(f"dataset: folder {folder!r} holds no .txt, .jsonl or .parquet file; "
                       "held_out_fraction holds valid and test out of a folder of such files")
   names = " or ".join(_SPLIT_NAMES[split])
-  raise ConfigError(
-      f"dataset: folder {folder!r} has no {names} files ({split}.txt, {split}.jsonl, "
-      f"{split}.parquet, {split}-*.EXT or a {split}/ folder of them); a dataset folder holds "
-      "train, valid (or validation) and test files, or set held_out_fraction to hold valid and "
-      "test out of the train files")
+  raise ConfigError(f"dataset: folder {folder!r} has no {names} files ({split}.txt|.jsonl|.parquet, "
+                    f"{split}-*.EXT or {split}/); held_out_fraction > 0 holds valid and test out "
+                    "of train")
 
 
 _TEXT_ALLOWED = "a split file must be UTF-8 text with at least one non-blank line"

@@ -160,7 +160,7 @@ def test_a_single_corpus_holds_out_valid_and_test(tmp_path):
   documents = _documents(400, 4)
   _write_jsonl(corpus / "a.jsonl", documents[:200])
   _write_jsonl(corpus / "b.jsonl", documents[200:])
-  with pytest.raises(ConfigError, match="set held_out_fraction"):
+  with pytest.raises(ConfigError, match="held_out_fraction > 0 holds valid and test"):
     data.check_sources(str(corpus), "gpt2", str(tmp_path / "cache"))
   data.check_sources(str(corpus), "gpt2", str(tmp_path / "cache"), held_out_fraction=0.1)
   enc = data.get_tokenizer("gpt2")

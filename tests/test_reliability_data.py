@@ -95,11 +95,10 @@ def test_check_sources_needs_all_three_splits(folder, missing):
   with pytest.raises(ConfigError) as e:
     data.check_sources(str(folder), "gpt2")
   split = missing.removesuffix(".txt")
+  names = "valid or validation" if split == "valid" else split
   assert _one_line(e) == (
-      f"dataset: folder {str(folder)!r} has no {'valid or validation' if split == 'valid' else split} "
-      f"files ({split}.txt, {split}.jsonl, {split}.parquet, {split}-*.EXT or a {split}/ folder of "
-      "them); a dataset folder holds train, valid (or validation) and test files, or set "
-      "held_out_fraction to hold valid and test out of the train files")
+      f"dataset: folder {str(folder)!r} has no {names} files ({split}.txt|.jsonl|.parquet, "
+      f"{split}-*.EXT or {split}/); held_out_fraction > 0 holds valid and test out of train")
 
 
 def test_check_sources_takes_validation_txt_and_hub_names(folder, tmp_path):
