@@ -245,6 +245,9 @@ def load_tokens(dataset: str, split: str, tokenizer: str, max_samples: int = 0,
       cache_dir or default_cache_dir(), "hf"), **options)
   _tokenize_to_cache(source, f"{dataset_name(dataset)}/{split}", folder, tokenizer,
                      max_samples if split == "train" else 0, threads, log)
+  for ext in (".bin", ".json"):  # the single file this split was cached in before issue 24
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(folder + ext)
   return _open_cache(folder, tokenizer, check=False)
 
 

@@ -175,9 +175,15 @@ def _txt_groups(path, skip, text_column):
 
 
 def _jsonl_groups(path, skip, text_column):
+  """Each object of a .jsonl file; blank lines are no documents (rows count objects)."""
   with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(itertools.islice(f, skip, None), skip + 1):
-      yield [_jsonl_text(line, path, line_no, text_column)]
+    objects = ((line_no, line) for line_no, line in enumerate(f, 1) if line.strip())
+    try:
+      for line_no, line in itertools.islice(objects, skip, None):
+        yield [_jsonl_text(line, path, line_no, text_column)]
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"dataset: {path} is not UTF-8 ({e.reason}: byte 0x{e.object[e.start]:02x}"
+                        "); a .jsonl file is UTF-8 text") from None
 
 
 def _parquet_groups(path, skip, text_column):

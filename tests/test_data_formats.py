@@ -86,6 +86,14 @@ def test_existing_data_keeps_its_tokens(tmp_path):
     assert data.fingerprint(np.asarray(tokens)) == data.fingerprint(tokens) == f"sha256:{digest}"
 
 
+def test_a_cache_file_from_before_is_replaced_by_a_folder(corpus, tmp_path):
+  folder = data.cache_folder(corpus, "valid", "gpt2", 0, str(tmp_path))
+  for ext in (".bin", ".json"):  # the same key named one .bin and its .json
+    open(folder + ext, "w").close()
+  data.load_tokens(corpus, "valid", "gpt2", cache_dir=str(tmp_path), log=_quiet)
+  assert os.listdir(tmp_path) == [os.path.basename(folder)]
+
+
 def test_tiktoken_numpy_encoding_is_encode_ordinary():
   enc = data.get_tokenizer("gpt2")
   text = "a <|endoftext|> stays text, \ud800 a lone surrogate is repaired"
@@ -137,8 +145,8 @@ def test_bad_documents_are_one_line_naming_file_and_line(tmp_path):
   for split in data.SPLITS:
     _write_jsonl(folder / f"{split}.jsonl", ["fine"])
   with open(folder / "train.jsonl", "a") as f:
-    f.write('{"text": "ok"}\n{"text": 3}\n')
-  with pytest.raises(ConfigError, match=rf"^dataset: {folder}/train.jsonl line 3 has a int in "
+    f.write('\n{"text": "ok"}\n{"text": 3}\n')  # a blank line is no document
+  with pytest.raises(ConfigError, match=rf"^dataset: {folder}/train.jsonl line 4 has a int in "
                                         r"'text', not text; a .jsonl file holds"):
     data.load_tokens(str(folder), "train", "gpt2", cache_dir=str(tmp_path / "c"), log=_quiet)
   (folder / "test.jsonl").write_text("{not json\n")
@@ -197,42 +205,50 @@ def _split_folder(cache) -> str:
   return os.path.join(cache, name)
 
 
+@pytest.mark.parametrize("kind", ["parquet", "hf"])
 def test_an_interrupted_preparation_resumes_after_its_last_shard(folders, docs, tmp_path,
-                                                                 small_shards, monkeypatch):
-  whole = data.load_tokens(folders["parquet"], "train", "gpt2", cache_dir=str(tmp_path / "ref"),
-                           log=_quiet)
+                                                                 small_shards, monkeypatch, kind):
+  """Interrupted after 30 documents, then run again: the complete shards are kept, reading goes
+  on from the last one's end (the hub stream from `datasets`' own state), the ids are the same."""
+  dataset, source, options = {
+      "parquet": (folders["parquet"], sources.FileSource, {}),
+      "hf": (f"hf:{folders['jsonl']}", sources.HubSource, {"text_column": "body"})}[kind]
+  whole = data.load_tokens(dataset, "train", "gpt2", cache_dir=str(tmp_path / "ref"), log=_quiet,
+                           **options)
   assert len(whole._shards) > 5
-  pieces, read = sources.FileSource.pieces, []
+  pieces, read = source.pieces, []
 
   def interrupted_after(n):
     def pieces_until_interrupt(self, start=None, max_rows=0):
-      read.append(start)
+      read.append([start, 0])
       for i, piece in enumerate(pieces(self, start, max_rows)):
         if i == n:
           raise KeyboardInterrupt
+        read[-1][1] += 1
         yield piece
     return pieces_until_interrupt
 
   cache = tmp_path / "cache"
-  monkeypatch.setattr(sources.FileSource, "pieces", interrupted_after(30))
+  monkeypatch.setattr(source, "pieces", interrupted_after(30))
   with pytest.raises(KeyboardInterrupt):
-    data.load_tokens(folders["parquet"], "train", "gpt2", cache_dir=str(cache), log=_quiet)
+    data.load_tokens(dataset, "train", "gpt2", cache_dir=str(cache), log=_quiet, **options)
   folder = _split_folder(cache)
   kept = sorted(os.listdir(folder))
   assert "meta.json" not in kept and not [n for n in kept if ".tmp." in n]  # no partial file
   n_kept = len(kept) // 2
   assert kept == [f"{i:05d}{e}" for i in range(n_kept) for e in (".bin", ".json")] and n_kept >= 2
-  monkeypatch.setattr(sources.FileSource, "pieces", interrupted_after(10 ** 9))
+  monkeypatch.setattr(source, "pieces", interrupted_after(10 ** 9))
   logs = []
-  resumed = data.load_tokens(folders["parquet"], "train", "gpt2", cache_dir=str(cache),
-                             log=logs.append)
+  resumed = data.load_tokens(dataset, "train", "gpt2", cache_dir=str(cache), log=logs.append,
+                             **options)
   np.testing.assert_array_equal(resumed, whole)
   assert data.fingerprint(resumed) == data.fingerprint(whole) == data.fingerprint(np.asarray(whole))
   kept_tokens = sum(len(s) for s in whole._shards[:n_kept])
   assert f"resuming after {kept_tokens:,} tokens in {n_kept} shards" in logs[0]
+  start, n_read = read[-1]
   with open(os.path.join(folder, f"{n_kept - 1:05d}.json")) as f:
-    assert read[-1] == json.load(f)["end"]  # reading went on from the last shard's end
-  assert read[-1]["rows"] < 30
+    assert start == json.load(f)["end"]  # reading went on from the last shard's end ...
+  assert 0 < start["rows"] < 30 and n_read == len(docs["train"]) - start["rows"]  # ... and only
 
 
 def test_a_damaged_shard_is_rebuilt_from_the_one_before(folders, tmp_path, small_shards):
