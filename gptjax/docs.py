@@ -215,7 +215,8 @@ CONFIGURATION
   the same, and --model_preset small is --config configs/small.py. A config file may be your
   own copy of configs/*.py. Giving one field two different values two ways is an error.
   `python -m gptjax.train --help` lists every field with its default.
-  --check_only validates the options and exits without writing anything.
+  --check_only validates the options and exits without writing anything; its last line names
+  the run directory (output_dir: PATH), which ./run/run_train_lm.sh puts the log under.
   Exit codes: 0 done, 1 a run-time failure (NaN/Inf, out of memory), 2 bad input (one line
   naming the option, the value and what is allowed; nothing written), 128+N stopped by signal N."""
 

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     at_terminal = sys.stdin.isatty()
     if "check_only" in actions:
       trainer.check(config, explicit, can_ask=at_terminal)
+      # The run directory as resolved (absolute): the launcher names its log after it.
+      print(f"output_dir: {config.output_dir}")
       return 0
     xla_flags.set_defaults()  # before the first device call, as both must be
     sharding.initialize_distributed(config)

@@ -15,60 +15,101 @@ set -euo pipefail
 
 PROG="run_train_lm.sh"
 
-# ----------------------------------------------------------------------------- defaults
-DEF_PRESET=""
-DEF_DATASET="wikitext-103"
-DEF_EPOCHS=20
-DEF_BATCH_SIZE=32
-DEF_LR="3e-4"
-DEF_WARMUP=0
-DEF_SNAPSHOT=10000
-DEF_MONITOR_INTERVAL=10000
-DEF_SANITY_CHECK_INTERVAL=10000
 PRESETS="tiny small medium"
 HUB_DATASETS="wikitext wikitext-103"
 STARTUP_WATCH_S=5   # a run that ends this soon after nohup is reported, not left to the log
 
+# ----------------------------------------------------------------------------- locations
+CALLER_PWD="$(pwd -P)"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+PROJECT_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd -P)"
+
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x "${PROJECT_ROOT}/.venv/bin/python" ]]; then
+  PY="${PROJECT_ROOT}/.venv/bin/python"
+elif [[ -x "${PROJECT_ROOT}/venv/bin/python" ]]; then
+  PY="${PROJECT_ROOT}/venv/bin/python"
+else
+  PY="python3"
+fi
+
+# The defaults are the trainer's own (gptjax/config.py), asked for --help rather than copied
+# here: a copy drifted from them (warmup 0 against 1000, snapshots 10000 against 0). Without a
+# working Python, --help names the fields without their values.
+declare -A TRAINER_DEFAULT=()
+load_trainer_defaults() {
+  local line
+  while IFS= read -r line; do
+    TRAINER_DEFAULT[${line%%=*}]="${line#*=}"
+  done < <(cd "$PROJECT_ROOT" && PYTHONPATH="${PROJECT_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" \
+    "$PY" -c 'import sys; from gptjax.config import FIELDS
+for f in sys.argv[1:]: print(f"{f}={FIELDS[f][0]}")' "$@" 2>/dev/null || true)
+}
+default_of() {  # default_of FIELD...: "FIELD=VALUE, ..." as the trainer has them
+  local f out=""
+  for f in "$@"; do out+="${out:+, }${f}${TRAINER_DEFAULT[$f]+=${TRAINER_DEFAULT[$f]}}"; done
+  printf '%s' "$out"
+}
+
 usage() {
+  load_trainer_defaults dataset epochs batch_size lr warmup_steps snapshot_interval \
+    gradient_monitor gradient_monitor_interval weight_monitor weight_monitor_interval \
+    sanity_check_interval
   cat <<EOF
 Usage: ./run/run_train_lm.sh [OPTIONS] [-- TRAINER_FLAGS...]
 
 Train the gptjax GPT language model in the background (nohup) with a timestamped log.
 Works from any directory; paths you give are taken relative to your current directory.
 
+Every default is the trainer's (python -m gptjax.train --help), or the preset's where a preset
+sets the field: the launcher passes on only the options you type.
+
 Options:
-  --preset PRESET             model preset: tiny | small | medium (default: none = manual
-                              configuration / the trainer's defaults)
+  --preset PRESET             model preset: tiny | small | medium
+                              (default: none, the trainer's manual configuration)
   --dataset DATASET           wikitext (WikiText-2) | wikitext-103 | a folder holding
-                              train.txt, valid.txt, test.txt (default: ${DEF_DATASET})
-  --epochs N                  passes over the training data, positive integer (default: ${DEF_EPOCHS})
-  --batch_size N              sequences per optimizer step, positive integer (default: ${DEF_BATCH_SIZE})
-  --lr RATE                   peak learning rate, e.g. 3e-4, 6e-4 (default: ${DEF_LR})
-  --warmup STEPS              linear LR warmup steps, 0 disables (default: ${DEF_WARMUP})
-  --snapshot N                save a snapshot every N steps, 0 = only at epoch ends (default: ${DEF_SNAPSHOT})
-  --monitor_interval N        steps between gradient/weight monitor reports; both monitors are
-                              enabled (default: ${DEF_MONITOR_INTERVAL})
-  --sanity_check_interval N   steps between NaN/Inf checks, 0 disables (default: ${DEF_SANITY_CHECK_INTERVAL})
+                              train.txt, valid.txt, test.txt
+                              (default: the preset's, else the trainer's $(default_of dataset))
+  --epochs N                  passes over the training data, positive integer
+                              (default: the trainer's $(default_of epochs))
+  --batch_size N              sequences per optimizer step, positive integer
+                              (default: the trainer's $(default_of batch_size))
+  --lr RATE                   peak learning rate, e.g. 3e-4, 6e-4
+                              (default: the trainer's $(default_of lr))
+  --warmup STEPS              linear LR warmup steps, 0 disables
+                              (default: the trainer's $(default_of warmup_steps))
+  --snapshot N                save a snapshot every N steps, 0 = only at epoch ends
+                              (default: the trainer's $(default_of snapshot_interval))
+  --monitor_interval N        steps between gradient/weight monitor reports; turns both
+                              monitors on (default: the trainer's
+                              $(default_of gradient_monitor gradient_monitor_interval),
+                              $(default_of weight_monitor weight_monitor_interval))
+  --sanity_check_interval N   steps between NaN/Inf checks, 0 disables
+                              (default: the trainer's $(default_of sanity_check_interval))
   -h, --help                  show this help and exit
   --                          pass every following flag unchanged to python -m gptjax.train,
                               e.g. -- --max_samples 100 --d_model 64 --output_dir DIR
                               (see: python -m gptjax.train --help)
 
-Runs (a new run; a resumed one gets only what you typed, see Resuming):
-  python -m gptjax.train [--model_preset P] --dataset D --epochs N --batch_size N --lr X
-      --warmup_steps N --snapshot_interval N --gradient_monitor --gradient_monitor_interval N
-      --weight_monitor --weight_monitor_interval N --sanity_check_interval N
-      [TRAINER_FLAGS...] --output_dir DIR --log_file DIR/logs/train_TIMESTAMP.log
+Runs (new and resumed alike):
+  python -m gptjax.train [--model_preset P] [--dataset D] [--epochs N] [--batch_size N]
+      [--lr X] [--warmup_steps N] [--snapshot_interval N] [--gradient_monitor
+      --gradient_monitor_interval N --weight_monitor --weight_monitor_interval N]
+      [--sanity_check_interval N] [TRAINER_FLAGS...] --output_dir DIR
+      --log_file DIR/logs/train_TIMESTAMP.log
+  with only the options you typed; DIR is the run directory the trainer's --check_only names.
 
-Output directory: result/lm_{dataset name} in the project root (a dataset folder's base
-name), unless --output_dir is given after --. The log is DIR/logs/train_TIMESTAMP.log,
+Output directory: as the trainer names it, result/lm_{dataset name} in the project root (the
+dataset you give, else the preset's, else the trainer's; a dataset folder's base name), unless
+--output_dir is given after --. The log is DIR/logs/train_TIMESTAMP.log,
 e.g. train_2026FEB15_215234_GMT+00.log.
 
 Resuming: pass -- --resume --yes (or -- --checkpoint_file PATH --yes; any spelling the trainer
 accepts, e.g. --resume=true, --config.resume). A resumed run gets only the options you typed,
-wrapper options included: the trainer takes everything else from the snapshot, so the defaults
-above apply to new runs only. Without --dataset or --output_dir the output directory is still
-result/lm_${DEF_DATASET}: give the same --dataset (or --output_dir) as the run you resume.
+as a new one does: the trainer takes everything else from the snapshot. The run directory is
+found as for a new run: give the same --preset and --dataset (or --output_dir) as the run you
+resume.
 
 Before starting, \`--check_only\` validates the options, the dataset's files, the tokenizer and
 the snapshot to resume. After starting, the launcher watches the run for ${STARTUP_WATCH_S} s: a run that
@@ -83,6 +124,9 @@ Examples:
   ./run/run_train_lm.sh --preset small --warmup 4000 --lr 6e-4 --snapshot 5000
   ./run/run_train_lm.sh --preset tiny -- --max_samples 100 --d_model 64
   ./run/run_train_lm.sh --dataset wikitext -- --resume --yes
+  # the guide's launcher defaults, where the trainer's differ:
+  ./run/run_train_lm.sh --warmup 0 --snapshot 10000 --monitor_interval 10000 \\
+      --sanity_check_interval 10000
 EOF
 }
 
@@ -90,11 +134,6 @@ die() {  # die CODE MESSAGE: one line on stderr, nothing started
   echo "${PROG}: error: $2" >&2
   exit "$1"
 }
-
-# ----------------------------------------------------------------------------- locations
-CALLER_PWD="$(pwd -P)"
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
-PROJECT_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd -P)"
 
 # A path the user typed, made usable after we cd to the project root.
 from_caller() {
@@ -125,17 +164,8 @@ resolve_dataset() {
 }
 
 # ----------------------------------------------------------------------------- parse
-PRESET="$DEF_PRESET"
-DATASET="$DEF_DATASET"
-EPOCHS="$DEF_EPOCHS"
-BATCH_SIZE="$DEF_BATCH_SIZE"
-LR="$DEF_LR"
-WARMUP="$DEF_WARMUP"
-SNAPSHOT="$DEF_SNAPSHOT"
-MONITOR_INTERVAL="$DEF_MONITOR_INTERVAL"
-SANITY_CHECK_INTERVAL="$DEF_SANITY_CHECK_INTERVAL"
 PASSTHROUGH=()
-declare -A TYPED=()   # the wrapper options given on the command line
+declare -A TYPED=()   # the wrapper options given on the command line, with their values
 
 while [[ $# -gt 0 ]]; do
   arg="$1"
@@ -151,14 +181,12 @@ while [[ $# -gt 0 ]]; do
       ;;
     --preset|--dataset|--epochs|--batch_size|--lr|--warmup|--snapshot|--monitor_interval|--sanity_check_interval)
       [[ $# -ge 2 ]] || die 2 "option ${arg} needs a value (see --help)"
-      opt="${arg#--}"
-      val="$2"
+      TYPED[${arg#--}]="$2"
       shift 2
       ;;
     --preset=*|--dataset=*|--epochs=*|--batch_size=*|--lr=*|--warmup=*|--snapshot=*|--monitor_interval=*|--sanity_check_interval=*)
       opt="${arg%%=*}"
-      opt="${opt#--}"
-      val="${arg#*=}"
+      TYPED[${opt#--}]="${arg#*=}"
       shift
       ;;
     -*)
@@ -168,21 +196,11 @@ while [[ $# -gt 0 ]]; do
       die 2 "unexpected argument '${arg}' (see --help)"
       ;;
   esac
-  case "$opt" in
-    preset) PRESET="$val" ;;
-    dataset) DATASET="$val" ;;
-    epochs) EPOCHS="$val" ;;
-    batch_size) BATCH_SIZE="$val" ;;
-    lr) LR="$val" ;;
-    warmup) WARMUP="$val" ;;
-    snapshot) SNAPSHOT="$val" ;;
-    monitor_interval) MONITOR_INTERVAL="$val" ;;
-    sanity_check_interval) SANITY_CHECK_INTERVAL="$val" ;;
-  esac
-  TYPED[$opt]=1
 done
+typed() { [[ -n "${TYPED[$1]+set}" ]]; }
 
 # ----------------------------------------------------------------------------- shape checks
+# Only of typed values: everything else is the trainer's, and its --check_only validates it all.
 need_positive_int() {
   [[ "$2" =~ ^[0-9]+$ && "$2" =~ [1-9] ]] || die 2 "--$1: '$2' is not allowed; must be a positive integer"
 }
@@ -190,35 +208,31 @@ need_nonneg_int() {
   [[ "$2" =~ ^[0-9]+$ ]] || die 2 "--$1: '$2' is not allowed; must be 0 or a positive integer"
 }
 
-if [[ -n "$PRESET" ]]; then
+if typed preset; then
   ok=0
-  for p in $PRESETS; do [[ "$PRESET" == "$p" ]] && ok=1; done
-  [[ $ok -eq 1 ]] || die 2 "--preset: '${PRESET}' is not allowed; allowed: ${PRESETS// /, }"
+  for p in $PRESETS; do [[ "${TYPED[preset]}" == "$p" ]] && ok=1; done
+  [[ $ok -eq 1 ]] || die 2 "--preset: '${TYPED[preset]}' is not allowed; allowed: ${PRESETS// /, }"
 fi
-[[ -n "$DATASET" ]] || die 2 "--dataset: must not be empty"
-need_positive_int epochs "$EPOCHS"
-need_positive_int batch_size "$BATCH_SIZE"
-[[ "$LR" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
-  || die 2 "--lr: '${LR}' is not allowed; must be a non-negative number such as 3e-4"
-need_nonneg_int warmup "$WARMUP"
-need_nonneg_int snapshot "$SNAPSHOT"
-need_positive_int monitor_interval "$MONITOR_INTERVAL"
-need_nonneg_int sanity_check_interval "$SANITY_CHECK_INTERVAL"
+if typed dataset; then
+  [[ -n "${TYPED[dataset]}" ]] || die 2 "--dataset: must not be empty"
+fi
+for opt in epochs batch_size monitor_interval; do
+  typed "$opt" && need_positive_int "$opt" "${TYPED[$opt]}"
+done
+for opt in warmup snapshot sanity_check_interval; do
+  typed "$opt" && need_nonneg_int "$opt" "${TYPED[$opt]}"
+done
+if typed lr; then
+  [[ "${TYPED[lr]}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
+    || die 2 "--lr: '${TYPED[lr]}' is not allowed; must be a non-negative number such as 3e-4"
+fi
 
-DATASET="$(resolve_dataset "$DATASET")"
-
-is_true() {  # absl's spellings of a true boolean
-  case "${1,,}" in true|t|1) return 0 ;; *) return 1 ;; esac
-}
+typed dataset && TYPED[dataset]="$(resolve_dataset "${TYPED[dataset]}")"
 
 # Trainer flags after `--`, in every spelling absl accepts (-x, --x, --config.x; =VALUE or a
-# separate VALUE): make path values usable from the project root, and note the values that
-# decide the output directory / log file and whether this is a resume (the last one wins).
-USER_OUTPUT_DIR=""
+# separate VALUE): make path values usable from the project root, and note a log file given
+# (the last one wins).
 USER_LOG_FILE=""
-EFFECTIVE_DATASET="$DATASET"
-RESUME_FLAG=0
-CHECKPOINT_FILE=""
 for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
   a="${PASSTHROUGH[$i]}"
   [[ "$a" == -?* ]] || continue
@@ -226,18 +240,6 @@ for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
   name="${flag#-}"
   name="${name#-}"
   case "$name" in
-    resume|config.resume)
-      if [[ "$a" == *=* ]]; then
-        is_true "${a#*=}" && RESUME_FLAG=1 || RESUME_FLAG=0
-      else
-        RESUME_FLAG=1
-      fi
-      continue
-      ;;
-    noresume|noconfig.resume)
-      RESUME_FLAG=0
-      continue
-      ;;
     dataset|output_dir|log_file|checkpoint_file|data_cache_dir) ;;
     config.dataset|config.output_dir|config.checkpoint_file|config.data_cache_dir)
       name="${name#config.}"
@@ -256,13 +258,10 @@ for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
   fi
   if [[ "$name" == dataset ]]; then
     v="$(resolve_dataset "$v")"
-    EFFECTIVE_DATASET="$v"
   else
     v="$(from_caller "$v")"
   fi
-  [[ "$name" == output_dir ]] && USER_OUTPUT_DIR="$v"
   [[ "$name" == log_file ]] && USER_LOG_FILE="$v"
-  [[ "$name" == checkpoint_file ]] && CHECKPOINT_FILE="$v"
   if [[ $j -eq $i ]]; then
     PASSTHROUGH[$j]="${flag}=${v}"
   else
@@ -270,74 +269,33 @@ for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
     i=$j
   fi
 done
-RESUME=0
-[[ $RESUME_FLAG -eq 1 || -n "$CHECKPOINT_FILE" ]] && RESUME=1
 
 # ----------------------------------------------------------------------------- environment
 cd "$PROJECT_ROOT"
 export PYTHONPATH="${PROJECT_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export PYTHONUNBUFFERED=1
-
-if [[ -n "${PYTHON:-}" ]]; then
-  PY="$PYTHON"
-elif [[ -x "${PROJECT_ROOT}/.venv/bin/python" ]]; then
-  PY="${PROJECT_ROOT}/.venv/bin/python"
-elif [[ -x "${PROJECT_ROOT}/venv/bin/python" ]]; then
-  PY="${PROJECT_ROOT}/venv/bin/python"
-else
-  PY="python3"
-fi
 command -v "$PY" >/dev/null 2>&1 || die 1 "python interpreter '${PY}' not found (set PYTHON)"
-
-# ----------------------------------------------------------------------------- output paths
-if [[ -n "$USER_OUTPUT_DIR" ]]; then
-  OUTPUT_DIR="$USER_OUTPUT_DIR"
-else
-  if is_hub_dataset "$EFFECTIVE_DATASET"; then
-    NAME="$EFFECTIVE_DATASET"
-  else
-    d="$EFFECTIVE_DATASET"
-    while [[ "$d" == */ && "$d" != / ]]; do d="${d%/}"; done
-    NAME="$(basename -- "$d")"
-  fi
-  OUTPUT_DIR="result/lm_${NAME}"
-fi
-
-if [[ -n "$USER_LOG_FILE" ]]; then
-  LOG_FILE="$USER_LOG_FILE"
-else
-  TIMESTAMP="$(LC_ALL=C date -u +%Y%b%d_%H%M%S | tr '[:lower:]' '[:upper:]')_GMT+00"
-  LOG_STEM="${OUTPUT_DIR}/logs/train_${TIMESTAMP}"
-  LOG_N=0
-  LOG_FILE="${LOG_STEM}.log"
-  while [[ -e "$LOG_FILE" ]]; do   # an earlier launch in the same second
-    LOG_N=$((LOG_N + 1))
-    LOG_FILE="${LOG_STEM}_${LOG_N}.log"
-  done
-fi
 
 abs_path() {  # absolute form of a path relative to the project root (for the printed commands)
   if [[ "$1" == /* ]]; then printf '%s' "$1"; else printf '%s' "${PROJECT_ROOT}/$1"; fi
 }
 
 # ----------------------------------------------------------------------------- command
-# A new run gets the launcher's defaults; a resumed one only what the user typed, so that the
-# trainer takes everything else from the snapshot instead of taking our defaults as the user's.
-given() { [[ $RESUME -eq 0 || -n "${TYPED[$1]:-}" ]]; }
+# Only what the user typed, for a new run as for a resumed one: the trainer's config (or the
+# preset, or the snapshot being resumed) decides everything else.
 CMD=("$PY" -m gptjax.train)
-[[ -n "$PRESET" ]] && CMD+=(--model_preset "$PRESET")
-given dataset && CMD+=(--dataset "$DATASET")
-given epochs && CMD+=(--epochs "$EPOCHS")
-given batch_size && CMD+=(--batch_size "$BATCH_SIZE")
-given lr && CMD+=(--lr "$LR")
-given warmup && CMD+=(--warmup_steps "$WARMUP")
-given snapshot && CMD+=(--snapshot_interval "$SNAPSHOT")
-given monitor_interval && CMD+=(
-  --gradient_monitor --gradient_monitor_interval "$MONITOR_INTERVAL"
-  --weight_monitor --weight_monitor_interval "$MONITOR_INTERVAL")
-given sanity_check_interval && CMD+=(--sanity_check_interval "$SANITY_CHECK_INTERVAL")
+typed preset && CMD+=(--model_preset "${TYPED[preset]}")
+typed dataset && CMD+=(--dataset "${TYPED[dataset]}")
+typed epochs && CMD+=(--epochs "${TYPED[epochs]}")
+typed batch_size && CMD+=(--batch_size "${TYPED[batch_size]}")
+typed lr && CMD+=(--lr "${TYPED[lr]}")
+typed warmup && CMD+=(--warmup_steps "${TYPED[warmup]}")
+typed snapshot && CMD+=(--snapshot_interval "${TYPED[snapshot]}")
+typed monitor_interval && CMD+=(
+  --gradient_monitor --gradient_monitor_interval "${TYPED[monitor_interval]}"
+  --weight_monitor --weight_monitor_interval "${TYPED[monitor_interval]}")
+typed sanity_check_interval && CMD+=(--sanity_check_interval "${TYPED[sanity_check_interval]}")
 [[ ${#PASSTHROUGH[@]} -gt 0 ]] && CMD+=("${PASSTHROUGH[@]}")
-CMD+=(--output_dir "$OUTPUT_DIR" --log_file "$LOG_FILE")
 
 # ----------------------------------------------------------------------------- validate (foreground)
 set +e
@@ -354,20 +312,33 @@ if [[ $CHECK_RC -ne 0 ]]; then
   fi
   die 1 "configuration check failed (exit ${CHECK_RC}): ${last}"
 fi
+# The run directory as the trainer resolves it (--output_dir, else result/lm_{dataset} of the
+# dataset given, the preset's or the trainer's default), from --check_only's last line.
+OUTPUT_DIR="$(printf '%s\n' "$CHECK_OUT" | sed -n -e 's/^output_dir: \(\/.*\)$/\1/p' | tail -n 1)"
+[[ -n "$OUTPUT_DIR" ]] || die 1 \
+  "python -m gptjax.train --check_only did not name the run directory (no 'output_dir: PATH' line)"
 
 # ----------------------------------------------------------------------------- launch
-mkdir -p "$(dirname -- "$LOG_FILE")" 2>/dev/null \
-  || die 1 "cannot create the log folder $(abs_path "$(dirname -- "$LOG_FILE")")"
-if [[ -z "$USER_LOG_FILE" ]]; then
+if [[ -n "$USER_LOG_FILE" ]]; then
+  LOG_FILE="$USER_LOG_FILE"
+  mkdir -p "$(dirname -- "$LOG_FILE")" 2>/dev/null \
+    || die 1 "cannot create the log folder $(abs_path "$(dirname -- "$LOG_FILE")")"
+else
+  TIMESTAMP="$(LC_ALL=C date -u +%Y%b%d_%H%M%S | tr '[:lower:]' '[:upper:]')_GMT+00"
+  LOG_STEM="${OUTPUT_DIR}/logs/train_${TIMESTAMP}"
+  mkdir -p "${OUTPUT_DIR}/logs" 2>/dev/null \
+    || die 1 "cannot create the log folder ${OUTPUT_DIR}/logs"
   # Taken atomically (noclobber creates with O_EXCL): two launches in one second, even at once,
   # get two files.
+  LOG_N=0
+  LOG_FILE="${LOG_STEM}.log"
   until (set -o noclobber; : >"$LOG_FILE") 2>/dev/null; do
-    [[ -e "$LOG_FILE" ]] || die 1 "cannot create the log file $(abs_path "$LOG_FILE")"
+    [[ -e "$LOG_FILE" ]] || die 1 "cannot create the log file ${LOG_FILE}"
     LOG_N=$((LOG_N + 1))
     LOG_FILE="${LOG_STEM}_${LOG_N}.log"
   done
-  CMD[${#CMD[@]}-1]="$LOG_FILE"
 fi
+CMD+=(--output_dir "$OUTPUT_DIR" --log_file "$LOG_FILE")
 {
   printf '# %s: started %s in %s\n' "$PROG" "$(date -u '+%Y-%m-%d %H:%M:%S UTC')" "$PROJECT_ROOT"
   printf '# command:'
@@ -396,7 +367,6 @@ if ! kill -0 "$PID" 2>/dev/null; then
 fi
 
 LOG_ABS="$(abs_path "$LOG_FILE")"
-OUT_ABS="$(abs_path "$OUTPUT_DIR")"
 if [[ -n "$STATUS" && "$STATUS" -ne 0 ]]; then
   {
     echo "${PROG}: error: training exited with status ${STATUS} within ${STARTUP_WATCH_S} s of starting; the log ends:"
@@ -413,7 +383,7 @@ else
 fi
 echo "  PID:        ${PID}"
 echo "  Log:        ${LOG_ABS}"
-echo "  Output dir: ${OUT_ABS}"
+echo "  Output dir: ${OUTPUT_DIR}"
 printf '  Command:   '
 printf ' %q' "${CMD[@]}"
 printf '\n\n'
@@ -422,4 +392,4 @@ if [[ -z "$STATUS" ]]; then
   echo "Check the process:   ps -p ${PID}"
   echo "Stop training:       kill ${PID}"
 fi
-echo "TensorBoard:         tensorboard --logdir $(printf '%q' "${OUT_ABS}/tensorboard")"
+echo "TensorBoard:         tensorboard --logdir $(printf '%q' "${OUTPUT_DIR}/tensorboard")"

@@ -3,8 +3,9 @@
 Most tests run a copy of the launcher inside a throw-away project root (tmp_path/proj) with
 $PYTHON pointing at a stub that records how it was called, so they check the exact mapping
 onto the Python CLI, the output/log paths and the background launch in well under a second
-each, without the real trainer and without writing into the repository. The tests marked
-`needs_trainer` use the real `gptjax.train` and are skipped until gptjax/train.py exists.
+each, without the real trainer and without writing into the repository. The stub names the run
+directory on --check_only's last line as the trainer does (for the cases used here). The tests
+marked `needs_trainer` use the real `gptjax.train` and are skipped until gptjax/train.py exists.
 """
 import glob
 import json
@@ -20,34 +21,52 @@ import time
 import pytest
 
 from conftest import REPO
+from gptjax.config import FIELDS
 
 LAUNCHER = os.path.join(REPO, "run", "run_train_lm.sh")
 TRAINER = os.path.join(REPO, "gptjax", "train.py")
 REAL_RUN_TIMEOUT_S = float(os.environ.get("GPTJAX_LAUNCHER_TEST_TIMEOUT", "120"))
 
-OPTIONS = {  # wrapper option -> default shown by --help
-    "--preset": None,
-    "--dataset": "wikitext-103",
-    "--epochs": "20",
-    "--batch_size": "32",
-    "--lr": "3e-4",
-    "--warmup": "0",
-    "--snapshot": "10000",
-    "--monitor_interval": "10000",
-    "--sanity_check_interval": "10000",
-    "--help": None,
+OPTIONS = {  # wrapper option -> the trainer's fields whose defaults --help shows for it
+    "--preset": (),
+    "--dataset": ("dataset",),
+    "--epochs": ("epochs",),
+    "--batch_size": ("batch_size",),
+    "--lr": ("lr",),
+    "--warmup": ("warmup_steps",),
+    "--snapshot": ("snapshot_interval",),
+    "--monitor_interval": ("gradient_monitor", "gradient_monitor_interval", "weight_monitor",
+                           "weight_monitor_interval"),
+    "--sanity_check_interval": ("sanity_check_interval",),
+    "--help": (),
 }
+# Every trainer flag a wrapper option maps onto: none may reach the trainer untyped.
+WRAPPER_FLAGS = ("--model_preset", "--dataset", "--epochs", "--batch_size", "--lr",
+                 "--warmup_steps", "--snapshot_interval", "--gradient_monitor",
+                 "--gradient_monitor_interval", "--weight_monitor", "--weight_monitor_interval",
+                 "--sanity_check_interval")
 LOG_NAME_RE = re.compile(r"^train_\d{4}[A-Z]{3}\d{2}_\d{6}_GMT\+00\.log$")
 
 needs_trainer = pytest.mark.skipif(not os.path.isfile(TRAINER),
                                    reason="gptjax/train.py (the Python trainer) does not exist yet")
 
 # Stands in for the Python interpreter: `stub -m gptjax.train ARGS...`. It appends one JSON
-# line per call to $FAKE_RECORD; with --check_only it fails when $FAKE_CHECK_RC is set; the run
-# itself sleeps $FAKE_SLEEP seconds, or fails at once when $FAKE_RUN_RC is set.
+# line per call to $FAKE_RECORD; with --check_only it fails when $FAKE_CHECK_RC is set, else
+# names the run directory as the trainer does (the last --output_dir, else result/lm_ of the
+# dataset's base name, of the tiny preset's wikitext, or of the default wikitext-103), unless
+# $FAKE_NO_OUTPUT_DIR is set; the run itself sleeps $FAKE_SLEEP seconds, or fails at once when
+# $FAKE_RUN_RC is set.
 STUB = r'''
 import json, os, sys, time
 args = sys.argv[1:]
+def value(name):
+  found = None
+  for i, a in enumerate(args):
+    if a == name and i + 1 < len(args):
+      found = args[i + 1]
+    elif a.startswith(name + "="):
+      found = a.partition("=")[2]
+  return found
 rec = {"args": args, "cwd": os.getcwd(), "pid": os.getpid(),
        "check_only": "--check_only" in args,
        "env": {k: os.environ.get(k) for k in ("PYTHONPATH", "TIKTOKEN_CACHE_DIR")}}
@@ -59,6 +78,12 @@ if rec["check_only"]:
     print("usage: train.py [-h] ...", file=sys.stderr)
     print("some warning on stdout")
     print("model_preset: 'x' is not allowed; allowed: tiny, small, medium", file=sys.stderr)
+  elif not os.environ.get("FAKE_NO_OUTPUT_DIR"):
+    dataset = value("--dataset") or (
+        "wikitext" if value("--model_preset") == "tiny" else "wikitext-103")
+    out = value("--output_dir") or os.path.join(
+        "result", "lm_" + os.path.basename(os.path.normpath(dataset)))
+    print("output_dir: " + os.path.abspath(out))
   sys.exit(rc)
 if os.environ.get("FAKE_RUN_RC"):
   print("Restoring snapshot result/x/snapshots/snapshot_5 ...")
@@ -74,7 +99,7 @@ print("Final model saved to somewhere")
 def _clean_env(**extra):
   env = {k: v for k, v in os.environ.items()
          if k not in ("PYTHON", "TIKTOKEN_CACHE_DIR", "FAKE_RECORD", "FAKE_CHECK_RC", "FAKE_SLEEP",
-                      "FAKE_RUN_RC")}
+                      "FAKE_RUN_RC", "FAKE_NO_OUTPUT_DIR")}
   env.update(extra)
   return env
 
@@ -147,7 +172,8 @@ class FakeProject:
     return [json.loads(line) for line in self.record.read_text().splitlines()]
 
   def launched(self, args, cwd=None, **extra_env):
-    """Runs the launcher, waits for the background stub; returns (stdout, check, train, log)."""
+    """Runs the launcher, waits for the background stub; returns (stdout, check, train, log).
+    The run gets the checked command with the run directory and the log appended."""
     r = self.run(args, cwd=cwd, **extra_env)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
@@ -157,8 +183,11 @@ class FakeProject:
     assert [c["check_only"] for c in calls] == [True, False], calls
     check, train = calls
     assert train["pid"] == pid
-    assert check["args"] == train["args"] + ["--check_only"]
-    return r.stdout, check, train, _printed(r.stdout, "Log")
+    log = _printed(r.stdout, "Log")
+    out = _printed(r.stdout, "Output dir")
+    assert train["args"][-4:] == ["--output_dir", out, "--log_file", log]
+    assert check["args"] == train["args"][:-4] + ["--check_only"]
+    return r.stdout, check, train, log
 
   def result_files(self):
     """Everything under proj/result (the default output root); [] when it does not exist."""
@@ -173,38 +202,32 @@ def proj(tmp_path):
   return FakeProject(tmp_path)
 
 
-def _expected_args(output_dir, log_file, preset=None, dataset="wikitext-103", epochs="20",
-                   batch_size="32", lr="3e-4", warmup="0", snapshot="10000", monitor="10000",
-                   sanity="10000", passthrough=()):
-  args = ["-m", "gptjax.train"]
-  if preset:
-    args += ["--model_preset", preset]
-  args += ["--dataset", dataset, "--epochs", epochs, "--batch_size", batch_size, "--lr", lr,
-           "--warmup_steps", warmup, "--snapshot_interval", snapshot,
-           "--gradient_monitor", "--gradient_monitor_interval", monitor,
-           "--weight_monitor", "--weight_monitor_interval", monitor,
-           "--sanity_check_interval", sanity, *passthrough,
-           "--output_dir", output_dir, "--log_file", log_file]
-  return args
+def _expected_args(output_dir, log_file, *typed):
+  """The trainer's command line: what was typed (mapped), then the run directory and the log."""
+  return ["-m", "gptjax.train", *typed, "--output_dir", str(output_dir), "--log_file", log_file]
 
 
 # ------------------------------------------------------------------------------------ help
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_help_lists_every_option_with_default(flag, tmp_path):
+def test_help_lists_every_option_with_the_trainers_default(flag, tmp_path):
   r = _run(LAUNCHER, [flag], str(tmp_path), _clean_env())
   assert r.returncode == 0, r.stderr
   assert os.access(LAUNCHER, os.X_OK)
   out = r.stdout
   assert "Usage" in out and "-h, --help" in out
-  for option, default in OPTIONS.items():
-    lines = [l for l in out.splitlines() if re.match(rf"^\s+(-h, )?{re.escape(option)}\b", l)]
-    assert lines, f"{option} not listed in --help"
-    if default is not None:
-      # the default is on the option's line or its continuation line
-      i = out.splitlines().index(lines[0])
-      assert f"(default: {default})" in " ".join(out.splitlines()[i:i + 2]), option
+  lines = out.splitlines()
+  starts = [i for i, l in enumerate(lines) if re.match(r"^  (-h, )?--", l)]
+  for option, fields in OPTIONS.items():
+    (i,) = [i for i in starts if re.match(rf"^\s+(-h, )?{re.escape(option)}\b", lines[i])]
+    if not fields:
+      continue
+    # the option's lines, up to the next option: the defaults, as gptjax/config.py has them
+    text = " ".join(" ".join(lines[i:min(j for j in starts + [len(lines)] if j > i)]).split())
+    assert "(default: the trainer's" in text or "else the trainer's" in text, (option, text)
+    for field in fields:
+      assert f"{field}={FIELDS[field][0]}" in text, (option, field, text)
   assert "--" in out and "gptjax.train" in out
   assert not (tmp_path / "result").exists()
 
@@ -286,13 +309,31 @@ def test_missing_python_exits_1(proj):
 # ------------------------------------------------------------------------- CLI mapping
 
 
-def test_defaults_map_onto_python_cli(proj):
+def test_no_options_pass_nothing_and_the_trainer_names_the_run_directory(proj):
   stdout, check, train, log = proj.launched([])
-  out_rel = "result/lm_wikitext-103"
-  log_rel = os.path.relpath(log, proj.root)
-  assert log_rel.startswith(out_rel + "/logs/")
+  out = proj.root / "result" / "lm_wikitext-103"  # the trainer's default dataset
+  assert os.path.dirname(log) == str(out / "logs")
   assert LOG_NAME_RE.match(os.path.basename(log)), log
-  assert train["args"] == _expected_args(out_rel, log_rel)
+  assert check["args"] == ["-m", "gptjax.train", "--check_only"]
+  assert train["args"] == _expected_args(out, log)
+
+
+def test_no_default_is_passed_that_was_not_typed(proj):
+  # Issue 22: the launcher passed its own copy of the trainer's defaults (warmup 0 against the
+  # trainer's 1000, snapshots every 10000 steps against 0, both monitors on) to every new run.
+  _, check, train, log = proj.launched(["--lr", "6e-4", "--", "--max_samples", "100"])
+  assert train["args"] == _expected_args(proj.root / "result" / "lm_wikitext-103", log,
+                                         "--lr", "6e-4", "--max_samples", "100")
+  passed = {a.partition("=")[0] for a in check["args"]}
+  assert passed & set(WRAPPER_FLAGS) == {"--lr"}
+
+
+def test_preset_alone_keeps_the_presets_dataset_and_run_directory(proj):
+  # Before: `--preset tiny` trained on the launcher's wikitext-103, not the preset's wikitext.
+  _, check, train, log = proj.launched(["--preset", "tiny"])
+  assert "--dataset" not in check["args"]
+  assert train["args"] == _expected_args(proj.root / "result" / "lm_wikitext", log,
+                                         "--model_preset", "tiny")
 
 
 def test_all_options_and_passthrough(proj):
@@ -301,12 +342,24 @@ def test_all_options_and_passthrough(proj):
        "--lr", "6e-4", "--warmup", "4000", "--snapshot", "0", "--monitor_interval", "500",
        "--sanity_check_interval=0", "--", "--max_samples", "100", "--d_model", "64",
        "--early_stopping"])
-  log_rel = os.path.relpath(log, proj.root)
-  assert log_rel.startswith("result/lm_wikitext/logs/train_")
+  out = proj.root / "result" / "lm_wikitext"
+  assert log.startswith(str(out / "logs" / "train_"))
   assert train["args"] == _expected_args(
-      "result/lm_wikitext", log_rel, preset="small", dataset="wikitext", epochs="3",
-      batch_size="8", lr="6e-4", warmup="4000", snapshot="0", monitor="500", sanity="0",
-      passthrough=["--max_samples", "100", "--d_model", "64", "--early_stopping"])
+      out, log, "--model_preset", "small", "--dataset", "wikitext", "--epochs", "3",
+      "--batch_size", "8", "--lr", "6e-4", "--warmup_steps", "4000", "--snapshot_interval", "0",
+      "--gradient_monitor", "--gradient_monitor_interval", "500",
+      "--weight_monitor", "--weight_monitor_interval", "500", "--sanity_check_interval", "0",
+      "--max_samples", "100", "--d_model", "64", "--early_stopping")
+
+
+def test_check_only_without_the_run_directory_exits_1_and_starts_nothing(proj):
+  r = proj.run([], FAKE_NO_OUTPUT_DIR="1")
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines() == [
+      "run_train_lm.sh: error: python -m gptjax.train --check_only did not name the run "
+      "directory (no 'output_dir: PATH' line)"]
+  assert [c["check_only"] for c in proj.calls()] == [True]
+  assert proj.result_files() == []
 
 
 def test_dataset_folder_names_output_dir_and_is_resolved_from_caller_cwd(proj):
@@ -316,7 +369,7 @@ def test_dataset_folder_names_output_dir_and_is_resolved_from_caller_cwd(proj):
   _, _, train, log = proj.launched(["--dataset", "corpora/mycorpus/"], cwd=proj.elsewhere)
   args = train["args"]
   assert os.path.samefile(args[args.index("--dataset") + 1], data)
-  assert args[args.index("--output_dir") + 1] == "result/lm_mycorpus"
+  assert args[args.index("--output_dir") + 1] == str(proj.root / "result" / "lm_mycorpus")
   assert log.startswith(str(proj.root / "result" / "lm_mycorpus" / "logs" / "train_"))
 
 
@@ -348,34 +401,28 @@ RESUME_SPELLINGS = [
 ]
 
 
-@pytest.mark.parametrize("spelling", RESUME_SPELLINGS, ids=" ".join)
-def test_resume_passes_only_what_was_typed(proj, spelling):
+NOT_RESUME_SPELLINGS = [["--noresume"], ["--resume=false"], ["--config.resume=0"],
+                        ["--resume", "--noconfig.resume"], ["--checkpoint_file="]]
+
+
+@pytest.mark.parametrize("spelling", RESUME_SPELLINGS + NOT_RESUME_SPELLINGS, ids=" ".join)
+def test_resume_or_not_passes_only_what_was_typed(proj, spelling):
   # Issue 20 item 2: a resume got the launcher's lr 3e-4, batch 32, ... as if the user typed them,
-  # and the trainer changed the run to them instead of taking the snapshot's.
+  # and the trainer changed the run to them instead of taking the snapshot's. Issue 22: a new run
+  # gets only what was typed as well.
   _, _, train, log = proj.launched(["--", *spelling, "--yes"])
-  out_rel = "result/lm_wikitext-103"  # the default dataset still names the default directory
-  assert train["args"] == ["-m", "gptjax.train", *spelling, "--yes",
-                           "--output_dir", out_rel, "--log_file", os.path.relpath(log, proj.root)]
+  out = proj.root / "result" / "lm_wikitext-103"  # the default dataset names the default directory
+  assert train["args"] == _expected_args(out, log, *spelling, "--yes")
 
 
 def test_resume_passes_the_wrapper_options_that_were_typed(proj):
   _, _, train, log = proj.launched(
       ["--preset", "small", "--dataset", "wikitext", "--lr", "1e-3", "--monitor_interval", "50",
        "--", "--resume", "--yes"])
-  assert train["args"] == [
-      "-m", "gptjax.train", "--model_preset", "small", "--dataset", "wikitext", "--lr", "1e-3",
-      "--gradient_monitor", "--gradient_monitor_interval", "50",
-      "--weight_monitor", "--weight_monitor_interval", "50", "--resume", "--yes",
-      "--output_dir", "result/lm_wikitext", "--log_file", os.path.relpath(log, proj.root)]
-
-
-@pytest.mark.parametrize("spelling", [["--noresume"], ["--resume=false"], ["--config.resume=0"],
-                                      ["--resume", "--noconfig.resume"], ["--checkpoint_file="]],
-                         ids=" ".join)
-def test_not_a_resume_gets_the_defaults(proj, spelling):
-  _, _, train, log = proj.launched(["--", *spelling])
-  assert train["args"] == _expected_args("result/lm_wikitext-103",
-                                         os.path.relpath(log, proj.root), passthrough=spelling)
+  assert train["args"] == _expected_args(
+      proj.root / "result" / "lm_wikitext", log, "--model_preset", "small", "--dataset",
+      "wikitext", "--lr", "1e-3", "--gradient_monitor", "--gradient_monitor_interval", "50",
+      "--weight_monitor", "--weight_monitor_interval", "50", "--resume", "--yes")
 
 
 def test_resume_checkpoint_path_is_taken_from_caller_cwd(proj):
@@ -387,8 +434,10 @@ def test_resume_checkpoint_path_is_taken_from_caller_cwd(proj):
 def test_help_says_a_resume_gets_only_typed_options(tmp_path):
   r = _run(LAUNCHER, ["--help"], str(tmp_path), _clean_env())
   text = " ".join(r.stdout.split())
-  assert "A resumed run gets only the options you typed" in text
-  assert "the defaults above apply to new runs only" in text
+  assert "A resumed run gets only the options you typed, as a new one does" in text
+  assert "Every default is the trainer's" in text
+  assert ("--warmup 0 --snapshot 10000 --monitor_interval 10000 --sanity_check_interval 10000"
+          in text.replace("\\ ", ""))  # the guide's launcher defaults, as options
   assert "watches the run for 5 s" in text
 
 
@@ -401,7 +450,7 @@ def test_runs_from_any_cwd_and_logs_the_run(proj):
     assert call["cwd"] == str(proj.root)
     assert call["env"]["PYTHONPATH"].split(":")[0] == str(proj.root)
     assert call["env"].get("TIKTOKEN_CACHE_DIR") is None  # nothing ambient: gpt2 ships with gptjax
-  out_dir = proj.root / "result" / "lm_wikitext-103"
+  out_dir = proj.root / "result" / "lm_wikitext"  # the tiny preset's dataset
   assert log.startswith(str(out_dir / "logs") + "/")
   # the stub ends at once: the launcher says so, not "started"
   assert stdout.startswith("Training finished within 5 s of starting (exit status 0).")
@@ -512,6 +561,17 @@ def test_real_check_only_rejects_before_launch(tmp_path, args):
 
 
 @needs_trainer
+def test_real_check_only_names_the_run_directory_last(tmp_path, monkeypatch, capsys):
+  # What the launcher reads, here for the tiny preset, whose dataset (wikitext) names it.
+  from gptjax import train
+  monkeypatch.chdir(tmp_path)
+  assert train.main(["train", "--model_preset", "tiny", "--check_only"]) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == (
+      f"output_dir: {tmp_path / 'result' / 'lm_wikitext'}")
+  assert os.listdir(tmp_path) == []  # a check writes nothing
+
+
+@needs_trainer
 def test_real_check_only_rejects_a_folder_without_test_txt(tmp_path):
   # Issue 20 item 10: the launcher said "Training started" and the run died in the background.
   folder = tmp_path / "corpus"
@@ -523,8 +583,8 @@ def test_real_check_only_rejects_a_folder_without_test_txt(tmp_path):
            _clean_env(PYTHON=sys.executable), timeout=120)
   assert r.returncode == 2, (r.stdout, r.stderr)
   assert r.stderr.strip().splitlines() == [
-      f"run_train_lm.sh: error: dataset: folder {str(folder)!r} has no test.txt; a dataset folder "
-      "holds train.txt, valid.txt (or validation.txt) and test.txt"]
+      f"run_train_lm.sh: error: dataset: folder {str(folder)!r} has no test files (test.txt|.jsonl"
+      "|.parquet, test-*.EXT or test/); held_out_fraction > 0 holds valid and test out of train"]
   assert not out.exists()
   assert sorted(os.listdir(folder)) == ["train.txt", "valid.txt"]
 
