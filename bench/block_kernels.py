@@ -82,19 +82,22 @@ def main(argv=None):
   h, dh = ((3 * jax.random.normal(key, (args.rows, args.ff))).astype(jnp.bfloat16)
            for key in k[3:5])
   bias = jax.random.normal(k[5], (args.ff,)).astype(jnp.bfloat16)
-  ln = model.LayerNorm(dtype=jnp.bfloat16)
   params = {"params": {"scale": 1 + jax.random.normal(k[6], (args.d,)),
                        "bias": jax.random.normal(k[7], (args.d,))}}
 
-  # Each pass: () -> (function, arguments) to time, built under the kernels' current settings.
-  def ln_fwd():
+  # Each pass: pallas -> (function, arguments) to time, built under the kernels' current
+  # settings; pallas as the plan's layer_norm_kernel / gelu_kernel.
+  def ln_fwd(pallas):
+    ln = model.LayerNorm(dtype=jnp.bfloat16, kernel=pallas)
     return (lambda x, params: ln.apply(params, x)), (x, params)
 
-  def ln_bwd():   # what the step's backward pass computes for one LayerNorm
+  def ln_bwd(pallas):   # what the step's backward pass computes for one LayerNorm
+    ln = model.LayerNorm(dtype=jnp.bfloat16, kernel=pallas)
     return _backward(lambda x, p: ln.apply(p, x, residual=True), (x, params), (dres, dy))
 
-  def gelu_bwd():   # the MLP's GELU as DenseGELU runs it: bias_gelu on one GPU, else gelu
-    f = model.bias_gelu if kernels.enabled() else (lambda h, b: model.gelu(h + b))
+  def gelu_bwd(pallas):   # the MLP's GELU as DenseGELU runs it on a GPU (cuBLASLt epilogue form)
+    f = ((lambda h, b: model.bias_gelu(h, b, True)) if pallas else
+         (lambda h, b: model.gelu(h + b, True)))
     return _backward(f, (h, bias), dh)
 
   mb = lambda *arrays: sum(a.size * a.dtype.itemsize for a in arrays) / 1e9
@@ -103,28 +106,26 @@ def main(argv=None):
       ("LayerNorm backward", ln_bwd, mb(x, x, x, x), "LN_BWD_BLOCKS", LN_SWEEP),
       ("GELU backward", gelu_bwd, mb(h, h, h), "GELU_BLOCKS", GELU_SWEEP)]
   results, ref = {}, {}
-  with mock.patch.object(kernels, "enabled", lambda: False):
-    for name, make, gb, _, _ in passes:
-      ms, ref[name] = time_ms(*_flat(make()), n=args.calls)
-      results[f"{name}, XLA"] = (ms, 0.0)
-      print(f"{name + ', XLA':40s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s", flush=True)
+  for name, make, gb, _, _ in passes:
+    ms, ref[name] = time_ms(*_flat(make(False)), n=args.calls)
+    results[f"{name}, XLA"] = (ms, 0.0)
+    print(f"{name + ', XLA':40s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s", flush=True)
   best = {}
-  with mock.patch.object(kernels, "enabled", lambda: True):
-    for name, make, gb, setting_name, sweep in passes:
-      for setting in sweep if args.sweep else [getattr(kernels, setting_name)]:
-        label = f"{name}, Pallas {'/'.join(map(str, setting))}"
-        jax.clear_caches()   # the kernels' settings are read when a function is traced
-        with mock.patch.object(kernels, setting_name, setting):
-          try:
-            ms, out = time_ms(*_flat(make()), n=args.calls)
-          except Exception as e:  # noqa: BLE001  (a setting Triton cannot compile: say so, go on)
-            print(f"{label:40s} failed: {str(e).splitlines()[0][:100]}", flush=True)
-            continue
-        results[label] = (ms, _max_diff(out, ref[name]))
-        print(f"{label:40s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s  max relative difference "
-              f"{results[label][1]:.2e}", flush=True)
-        if name not in best or ms < best[name][1]:
-          best[name] = (setting, ms)
+  for name, make, gb, setting_name, sweep in passes:
+    for setting in sweep if args.sweep else [getattr(kernels, setting_name)]:
+      label = f"{name}, Pallas {'/'.join(map(str, setting))}"
+      jax.clear_caches()   # the kernels' settings are read when a function is traced
+      with mock.patch.object(kernels, setting_name, setting):
+        try:
+          ms, out = time_ms(*_flat(make(True)), n=args.calls)
+        except Exception as e:  # noqa: BLE001  (a setting Triton cannot compile: say so, go on)
+          print(f"{label:40s} failed: {str(e).splitlines()[0][:100]}", flush=True)
+          continue
+      results[label] = (ms, _max_diff(out, ref[name]))
+      print(f"{label:40s} {ms:8.3f} ms  {gb / ms:6.2f} TB/s  max relative difference "
+            f"{results[label][1]:.2e}", flush=True)
+      if name not in best or ms < best[name][1]:
+        best[name] = (setting, ms)
   for name, (setting, ms) in best.items():
     print(f"best {name}: {setting} {ms:.3f} ms (XLA {results[name + ', XLA'][0]:.3f} ms)")
   return results

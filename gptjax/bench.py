@@ -1,7 +1,8 @@
 """`python -m gptjax.bench`: how fast the real train step runs, and how close the real loop gets.
 
-Every row builds the trainer's own pieces (trainer.model_config, optim.make_optimizer,
-step.make_train_step, the monitors' sample indices) for one config and measures one of:
+Every row builds the trainer's own pieces (trainer.build_training: the plan resolved as a run
+resolves it, the model, optimizer, sharded state and jitted step) for one config and measures one
+of:
   step (default)  the compiled step on synthetic random tokens: compile seconds, then the median
                   of --repeats windows of --steps steps (warm-up excluded, the device synchronised
                   at both ends of each window), tokens/s, MFU, peak device memory, and on
@@ -207,8 +208,9 @@ class _Built:
     from gptjax.model import count_params
 
     n_vocab = config_lib.TOKENIZER_VOCAB[config.tokenizer]
-    self.mcfg, self.model, mesh, self.rng, self.state, self.train_step = trainer.build_training(
-        config, n_vocab, total_steps)
+    (self.plan, self.mcfg, self.model, self.mesh, self.rng, self.state,
+     self.train_step) = trainer.build_training(config, n_vocab, total_steps)
+    mesh = self.mesh
     self.n_params = count_params(self.mcfg)
     self.n_devices = mesh.devices.size
     # Random tokens, several batches in rotation: never zeros, never one cached buffer.
@@ -265,6 +267,11 @@ def _peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+# What a model computes, not how: the float32 reference keeps these, with the default plain form.
+_ARCH = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "dropout",
+         "layer_norm_epsilon")
+
+
 def loss_vs_float32(built, batch) -> dict:
   """Loss of the row's model (its dtype, attention and the train step's loss code) and of a
   float32, XLA-attention model with optax's plain cross-entropy, on the same parameters and
@@ -273,11 +280,13 @@ def loss_vs_float32(built, batch) -> dict:
   import jax.numpy as jnp
   import optax
   from gptjax import step
-  from gptjax.model import GPT
+  from gptjax.model import GPT, ModelConfig
 
-  reference = GPT(dataclasses.replace(built.mcfg, dtype=jnp.float32, attention="xla"))
+  reference = GPT(ModelConfig(**{f.name: getattr(built.mcfg, f.name) for f in
+                                  dataclasses.fields(ModelConfig) if f.name in _ARCH}))
   inputs, targets = batch[:, :-1], batch[:, 1:]
-  row = jax.jit(lambda p: step.train_loss(built.model, p, inputs, targets))
+  row = jax.jit(step.on_mesh(lambda p: step.train_loss(built.model, p, inputs, targets),
+                             built.mesh))
   ref = jax.jit(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
       reference.apply({"params": p}, inputs), targets)))
   a, b = float(row(built.state.params)), float(ref(built.state.params))
@@ -314,8 +323,8 @@ def measure_step(config, opts, total_steps: int = 10000) -> dict:
       mfu=tokens / step_s * fpt / (opts["peak_tflops"] * 1e12 * built.n_devices),
       steps=opts["steps"], repeats=opts["repeats"], last_loss=float(loss),
       peak_bytes=_peak_bytes(), program_bytes=built.program_bytes(),
-      compute_dtype=jax.numpy.dtype(built.mcfg.dtype).name,
-      attention=built.mcfg.attention or "xla (auto)", gpu_clocks=clocks.summary)
+      compute_dtype=jax.numpy.dtype(built.mcfg.dtype).name, attention=built.mcfg.attention,
+      plan=built.plan.to_json(), gpu_clocks=clocks.summary)
   if opts["profile"]:
     try:  # a profiler that cannot start (no CUPTI, say) must not cost the row its figures
       out["profile"] = profile(built, opts["profile"], opts["label"], step_s)
@@ -721,8 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  from gptjax import cli, xla_flags
-  xla_flags.set_defaults()  # as gptjax.train does, before any device is touched
+  from gptjax import cli
   from gptjax.config import ConfigError
   argv = list(sys.argv[1:] if argv is None else argv)
   args, config_argv = build_parser().parse_known_args(argv)

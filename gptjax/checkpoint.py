@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from gptjax import plan as plan_lib
 from gptjax.config import ConfigError
 from gptjax.model import ModelConfig
 
@@ -318,10 +319,10 @@ def model_config_from_info(info: dict) -> ModelConfig:
   """The ModelConfig recorded in model.json (or a snapshot), for inference on this machine."""
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   arch = {k: v for k, v in info["model"].items() if k in names}
-  arch["dtype"] = jnp.dtype(arch["dtype"])  # kept: a bfloat16-trained model is measured in it
-  if arch.get("attention") == "cudnn" and jax.default_backend() != "gpu":
-    arch["attention"] = "xla"
-  return ModelConfig(**dict(arch, remat=False))  # nothing is differentiated here
+  # The dtype is kept (a bfloat16-trained model is measured in it); how it computes is this
+  # machine's default plan.
+  local = plan_lib.for_inference(jnp.dtype(arch["dtype"]).name, jax.default_backend())
+  return ModelConfig(**dict(arch, **plan_lib.model_fields(local), remat=False))
 
 
 def load_model(path: str):

@@ -231,8 +231,6 @@ def fail(message: str) -> NoReturn:
 
 def entry_point(run, argv=None) -> int:
   """`python -m gptjax.<tool>`: run(argv); a ConfigError is one line on stderr and exit code 2."""
-  from gptjax import xla_flags
-  xla_flags.set_defaults()  # before the tool's first device call
   try:
     run(list(sys.argv if argv is None else argv))
   except ConfigError as e:

@@ -19,6 +19,9 @@ TOKENIZERS = {"gpt2": "gpt2", "gpt4": "cl100k_base", "gpt4o": "o200k_base"}
 # The architecture: a resumed run takes these from its snapshot.
 ARCH_FIELDS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "layer_norm_epsilon",
                "tokenizer")
+# The execution plan's switches (gptjax/plan.py resolves them), each auto | on | off.
+PLAN_SWITCHES = ("fused_block", "layer_norm_kernel", "gelu_kernel", "loss_kernel",
+                 "xla_gpu_epilogues", "xla_overlap_collectives")
 TOKENIZER_VOCAB = {"gpt2": 50257, "gpt4": 100277, "gpt4o": 200019}  # n_vocab, for offline counts
 
 # name -> (default, help). Order is the order of --help.
@@ -54,6 +57,23 @@ FIELDS = {
     "compute_dtype": ("auto", "activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | "
                       "bfloat16 | float32; parameters are always float32"),
     "remat": (False, "recompute each block's activations in the backward pass (less memory)"),
+    # execution plan (gptjax/plan.py): how the step runs, resolved once at start; `auto` picks
+    # per backend and is logged. Each switch is auto | on | off.
+    "fused_block": ("auto", "the block's fused form (rows layout, q/k/v as three matmuls with k's "
+                    "bias dropped and v's moved into the output projection, GELU recomputed "
+                    "backward): auto (on GPUs) | on | off (the plain GPT-2 block)"),
+    "layer_norm_kernel": ("auto", "Pallas LayerNorm kernels (the backward adds the residual "
+                          "gradient), per shard on any mesh; needs fused_block: auto (on GPUs) | "
+                          "on | off"),
+    "gelu_kernel": ("auto", "Pallas kernel for the MLP's GELU backward with its bias gradient; "
+                    "needs fused_block: auto (on GPUs) | on | off"),
+    "loss_kernel": ("auto", "Pallas loss kernels (training: the output head's one-pass softmax; "
+                    "evaluation: logsumexp), per shard on any mesh: auto (on GPUs) | on | off "
+                    "(optax's cross-entropy)"),
+    "xla_gpu_epilogues": ("auto", "XLA options: matmuls through cuBLASLt with bias, GELU and "
+                          "residual epilogues, Triton GEMM off: auto (on GPUs) | on | off"),
+    "xla_overlap_collectives": ("auto", "XLA options: latency-hiding scheduler and 128 MiB "
+                                "collective combining: auto (on with 2+ GPUs) | on | off"),
     "init_from": ("", "start from these weights: a Hugging Face GPT-2 folder (config.json and "
                   "model.safetensors or pytorch_model.bin) or a gptjax model; its architecture "
                   "must be the config's; '' = random initialisation"),
@@ -112,6 +132,10 @@ FIELDS = {
     "mesh_data": (-1, "devices on the data-parallel mesh axis; -1 fills the rest"),
     "mesh_fsdp": (1, "devices on the fully-sharded mesh axis (parameters and optimizer state "
                   "split over them); -1 fills the rest"),
+    "shard_optimizer": (False, "ZeRO-1: the optimizer state (AdamW's moments) split over every "
+                        "device, the parameters laid out as the mesh says (whole on each device "
+                        "with data parallelism): data parallelism's step, the moments (two "
+                        "thirds of the train state) split N ways on N devices"),
     "coordinator_address": ("", "multi-process runs: HOST:PORT where process 0 listens; '' = "
                             "single process, or detected under Slurm (srun) / Open MPI (mpirun)"),
     "num_processes": (0, "multi-process runs: processes in the run (one per machine); 0 = 1, or "
@@ -194,6 +218,8 @@ def validate(config) -> None:
   need(config.attention in ("auto", "cudnn", "xla"), "attention", "allowed: auto, cudnn, xla")
   need(config.compute_dtype in ("auto", "bfloat16", "float32"), "compute_dtype",
        "allowed: auto, bfloat16, float32")
+  for field in PLAN_SWITCHES:
+    need(config[field] in ("auto", "on", "off"), field, "allowed: auto, on, off")
   need(config.mesh_data == -1 or config.mesh_data > 0, "mesh_data", "must be -1 or positive")
   need(config.mesh_fsdp == -1 or config.mesh_fsdp > 0, "mesh_fsdp", "must be -1 or positive")
   need(config.num_processes >= 0, "num_processes", "must be 0 (detect) or positive")

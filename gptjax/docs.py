@@ -95,18 +95,32 @@ INFO_DATA = """\
 DATA AND THE TOKEN CACHE
   --dataset wikitext      WikiText-2 raw (~2M tokens), from the Hugging Face Hub
   --dataset wikitext-103  WikiText-103 raw (~100M tokens), from the Hugging Face Hub
-  --dataset FOLDER        your own text: FOLDER/train.txt, valid.txt (or validation.txt), test.txt
+  --dataset hf:NAME[:CONFIG]   any hub dataset with a text column, streamed by HF `datasets`:
+                          --text_column (text), --hf_splits (train,validation,test)
+  --dataset FOLDER        your own files, .txt, .jsonl or .parquet: FOLDER/train.txt,
+                          train-*.jsonl, train/*.parquet, ... (likewise valid or validation,
+                          and test), read in name order
   --dataset gptjax/assets/sample   such a folder shipped in the package: a WikiText-2 sample
                           (350K/25K/27K tokens), for a first run with no network
-  Each split is read line by line through HF `datasets`, encoded with tiktoken
-  (encode_ordinary, so text that looks like a special token stays text) and closed with one
-  end-of-text token. The ids are stored once as a flat uint16/uint32 file in the token cache
-  (--data_cache_dir, else $GPTJAX_CACHE, else ~/.cache/gptjax), keyed by dataset, split,
-  tokenizer and --max_samples (a local file also by its path, size and modification time), and
-  memory-mapped afterwards: the second run starts at once.
-  --max_samples N keeps the first N lines of the training split (validation and test stay whole).
+  --held_out_fraction F   valid and test each take F of the training text's pieces (a
+                          document, or 2048 lines of .txt), chosen by a hash of their position:
+                          for a corpus with no splits of its own (a folder of any file names)
+  A .txt file is one document: its lines in pieces of 2048, encoded with tiktoken
+  (encode_ordinary, so text that looks like a special token stays text), one end-of-text token
+  after the file. A .jsonl line, .parquet row or hub row is one document, an end-of-text after
+  each. Tokenizing streams the text (memory stays flat for any size) on every core
+  (--tokenizer_threads), with a progress bar and a closing line giving tokens/s and MB/s.
+  The ids go to the token cache (--data_cache_dir, else $GPTJAX_CACHE, else ~/.cache/gptjax),
+  a folder per split keyed by dataset, split, tokenizer and --max_samples (local files also by
+  path, size and modification time): shards of 64M uint16/uint32 ids, each written with its
+  sha256 and where in the text it ends, so an interrupted preparation resumes after its last
+  shard; memory-mapped afterwards, the second run starts at once. python -m gptjax.prepare
+  --dataset ... (the training flags) fills the cache ahead of training, on a CPU node say.
+  --max_samples N keeps the first N lines (.txt) or documents of the training split.
   Training: the tokens are cut into non-overlapping windows of max_seq_len + 1 tokens, shuffled
-  each epoch by (seed, epoch); an epoch is (windows // B) steps of B windows, where the
+  each epoch by (seed, epoch): one int32 permutation, 4 bytes a window (10B tokens at
+  max_seq_len 1024: 39 MB); a window across two shards is read from both. An epoch is
+  (windows // B) steps of B windows, where the
   effective batch B = batch_size x grad_accum_steps. With --grad_accum_steps N each optimizer
   step sums the gradients of N micro-batches of batch_size inside the compiled step (memory of
   one micro-batch); schedule, intervals, snapshots and resume count optimizer steps, and the
@@ -187,22 +201,29 @@ OFFLINE USE
   downloads the gpt4/gpt4o vocabularies once: offline, set TIKTOKEN_CACHE_DIR to a folder holding
   tiktoken's cache files. The Hub datasets are downloaded once by HF `datasets`; with no
   connection they load from HF's cache, or the run stops at once naming the sample's path; give
-  --dataset a folder of .txt files. Once a split is in the token cache, neither the text nor
-  `datasets` is read again."""
+  --dataset a folder of .txt, .jsonl or .parquet files. Once a split is in the token cache,
+  neither the text nor `datasets` is read again."""
 
 INFO_DEVICES = """\
 DEVICES AND MACHINES
   Every visible device is used: a ('data', 'fsdp') mesh, batches split over all devices
-  (--batch_size is the global batch and must divide evenly). --config.mesh_fsdp=-1 also splits
+  (--batch_size is the global batch and must divide evenly). --config.shard_optimizer splits
+  AdamW's moments over the devices (ZeRO-1; parameters stay whole). --config.mesh_fsdp=-1 also splits
   parameters and optimizer state over the devices (for models larger than one card). Several
   machines: the same command on each, with --config.coordinator_address=HOST0:PORT
   --config.num_processes=N --config.process_id=i (detected by itself under Slurm or Open MPI).
-  On any GPU gptjax adds --xla_gpu_enable_cublaslt=true --xla_gpu_enable_triton_gemm=false to
-  XLA_FLAGS (bias, residual add and GELU fused into the matmuls); with one it also turns XLA's
-  dot merger off (q, k and v from three matmuls, no copies), with two or more it turns on XLA's
-  latency-hiding scheduler and combines collectives. A flag already in XLA_FLAGS wins. On one
-  GPU the MLP's GELU backward runs in a cuBLASLt epilogue, built with g++ on first use and cached
-  in ~/.cache/gptjax ($GPTJAX_CACHE); GPTJAX_CUBLASLT=0 (or no compiler) keeps a Pallas kernel.
+
+EXECUTION PLAN
+  How the step runs is part of the config, resolved once at start, logged ("Plan: ...") and
+  stored in model.json: --compute_dtype, --attention and the switches --fused_block,
+  --layer_norm_kernel, --gelu_kernel, --loss_kernel, --xla_gpu_epilogues and
+  --xla_overlap_collectives (each auto | on | off). auto: on GPUs the fused block with the Pallas
+  LayerNorm, GELU-backward and loss kernels (on any mesh: each device runs them on its rows), and
+  XLA's cuBLASLt epilogues (bias, residual add and GELU fused into the matmuls); with two or more
+  GPUs also XLA's latency-hiding scheduler and combined collectives. Elsewhere the plain GPT-2
+  block and optax's loss. The XLA options go to the compiled steps themselves (not XLA_FLAGS), so
+  Python callers and the CLI build the same program. Any switch set off is the escape hatch
+  when a kernel or a JAX/Triton version misbehaves.
 
 USING THE MODEL
   python -m gptjax.evaluate --model result/lm_X/models/model_<TS> --split test   (loss, ppl,

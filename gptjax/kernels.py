@@ -1,24 +1,23 @@
-"""Pallas (Triton) GPU kernels for the step's memory-bound passes, used on one GPU (`enabled`).
+"""Pallas (Triton) GPU kernels for the step's memory-bound passes, chosen by the run's plan
+(gptjax.plan: loss_kernel, layer_norm_kernel, gelu_kernel). Each sees whole rows, so on a mesh of
+several devices each runs on its device's rows under shard_map (`per_shard`).
 
 Loss. The cross-entropy reads the (B*T, vocab) bf16 logits, the step's largest arrays (3.3 GB at
 the medium preset's batch 32). The train step's loss is `softmax_cross_entropy_deferred`: one
 Triton program per row streams it in blocks and writes, in the same pass, d(logits) up to a
 per-row factor that the output head's backward matmuls apply (gptjax.step.head_loss): one read
 and one write of each row, where d(logits) itself needs the row's logsumexp before it can be
-written (two reads). `logsumexp` and `softmax_cross_entropy_grad` serve per-token losses
-(evaluation) and their gradient: 2.9 TB/s on an H100 (3.35 is the card's peak) where XLA's fused
-reduction reaches 1.7 for the logsumexp. bench/HISTORY.md has the figures.
+written (two reads). `logsumexp` serves per-token losses (evaluation) in one read of each row.
 
 GELU. `bias_gelu_grad` is the backward pass of the MLP's GELU(x W + b): d(pre-activation) and the
-bias gradient from one read of the saved pre-activation and of d(y), where XLA reduced the bias
-gradient alongside at about 2.5 TB/s.
+bias gradient from one read of the saved pre-activation and of d(y), where XLA reduces the bias
+gradient in a pass of its own.
 
 LayerNorm. `layer_norm` normalizes rows of d_model in one read and one write; its backward pass
 reads x, d(y) and, with `residual`, the residual stream's own gradient once each, and writes d(x)
 with that gradient already added, the scale and bias gradients reduced in the same kernel (one
 float32 partial per program). XLA splits the same backward into several reductions, each
-re-reading the activations. Its `bias_columns` append a column of ones (and zeros, to a width
-cuBLAS aligns) to y, for the MLP's first matmul to take its bias as a row of its weight.
+re-reading the activations.
 
 Off GPU the same kernels run in Pallas' interpreter (slow; the tests use it on small arrays).
 """
@@ -29,9 +28,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 LSE_BLOCK, LSE_WARPS = 2048, 4           # measured best of 2048..8192 x 4..16 on one H100
-DLOGITS_BLOCK, DLOGITS_WARPS = 4096, 8
 DEFER_BLOCK, DEFER_WARPS = 8192, 8       # the train step's loss kernel: best of 2048..16384 x 4..32
 
 
@@ -42,11 +41,21 @@ LN_FWD_BLOCKS = (2, 8, 2, 1)
 LN_BWD_BLOCKS = (4, 16, 8, 1)
 
 
-def enabled() -> bool:
-  """Whether the step uses these kernels: on one GPU. With several devices the arrays are sharded,
-  and XLA's partitioner can split its own fusions but not a kernel, so XLA's versions run there
-  (and on CPU and TPU)."""
-  return jax.default_backend() == "gpu" and jax.device_count() == 1
+def per_shard(fn, rows_in, rows_out):
+  """`fn` run on each device's rows under jax.shard_map over the mesh in context (the step's, set
+  by gptjax.step), for kernels that see whole rows: XLA's partitioner can split its own fusions
+  but not a kernel. `rows_in` / `rows_out` say, per argument / result (a tuple, or one bool
+  for a single result), whether it is split by rows (its first axis, over every mesh axis, as
+  the batch is) or whole on every device. A per-program partial sum leaves split by rows,
+  stacked over the shards; the caller sums it outside, where XLA adds the collective. Without a
+  mesh of several devices, `fn` itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  spec = lambda rows: P(mesh.axis_names) if rows else P()
+  out_specs = tuple(map(spec, rows_out)) if isinstance(rows_out, tuple) else spec(rows_out)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, rows_in)), out_specs=out_specs,
+                       check_vma=False)
 
 
 def _interpret() -> bool:
@@ -90,29 +99,7 @@ def logsumexp(x):
   """logsumexp over the last axis, in float32: one read of x (one program per row)."""
   call = _per_row_call(functools.partial(_logsumexp_kernel, block=LSE_BLOCK),
                        jax.ShapeDtypeStruct((), jnp.float32), LSE_WARPS, "logsumexp_rows")
-  return call(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
-
-
-def _softmax_grad_kernel(x_ref, target_ref, lse_ref, g_ref, out_ref, *, block: int):
-  target, lse, g = target_ref[...], lse_ref[...], g_ref[...]
-
-  @pl.loop(0, pl.cdiv(x_ref.shape[0], block))
-  def _(i):
-    col, mask, x = _load_block(x_ref, i, block, other=0.0)
-    d = (jnp.exp(x - lse) - (col == target).astype(jnp.float32)) * g
-    plgpu.store(out_ref.at[col], d.astype(out_ref.dtype), mask=mask)
-
-
-def softmax_cross_entropy_grad(logits, targets, lse, g):
-  """d(loss)/d(logits) of per-row cross-entropies with upstream gradients g, in the logits' dtype:
-  (softmax(logits) - onehot(targets)) * g, with softmax = exp(logits - lse); as
-  gptjax.step.softmax_cross_entropy_grad (targets, lse and g: the logits' shape less the last)."""
-  call = _per_row_call(functools.partial(_softmax_grad_kernel, block=DLOGITS_BLOCK),
-                       jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), DLOGITS_WARPS,
-                       "softmax_cross_entropy_grad")
-  rows = call(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), lse.reshape(-1),
-              g.reshape(-1).astype(jnp.float32))
-  return rows.reshape(logits.shape)
+  return per_shard(call, (True,), True)(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
 
 
 # The deferred loss kernel's e = exp(logits - c) takes for c the row's first block max; a later
@@ -194,12 +181,16 @@ def softmax_cross_entropy_deferred(logits, targets, scale: float):
   call = _per_row_call(functools.partial(_deferred_kernel, block=DEFER_BLOCK),
                        (jax.ShapeDtypeStruct(logits.shape[-1:], logits.dtype), f32, f32, f32),
                        DEFER_WARPS, "softmax_cross_entropy_deferred", input_output_aliases={0: 0})
-  e, lse, target_logit, row_sum = call(logits, targets)   # row_sum = sum(exp(logits - c))
-  # exp(t - c) - sum(exp(logits - c)) = (exp(t - lse) - 1) * sum(exp(logits - c)), in float32.
-  at_target = (jnp.exp(target_logit - lse) - 1.0) * row_sum
-  e = e.at[jnp.arange(e.shape[0]), targets].set(at_target.astype(e.dtype),
-                                                 indices_are_sorted=True, unique_indices=True)
-  return lse, target_logit, scale / row_sum, e
+
+  def rows(logits, targets):
+    e, lse, target_logit, row_sum = call(logits, targets)   # row_sum = sum(exp(logits - c))
+    # exp(t - c) - sum(exp(logits - c)) = (exp(t - lse) - 1) * sum(exp(logits - c)), in float32.
+    at_target = (jnp.exp(target_logit - lse) - 1.0) * row_sum
+    e = e.at[jnp.arange(e.shape[0]), targets].set(at_target.astype(e.dtype),
+                                                   indices_are_sorted=True, unique_indices=True)
+    return lse, target_logit, scale / row_sum, e
+
+  return per_shard(rows, (True, True), (True,) * 4)(logits, targets)
 
 
 def _columns(d: int):
@@ -234,7 +225,6 @@ def _row_blocks_call(kernel, blocks, name: str, n: int, out_shape, column_blocks
 def _layer_norm_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float,
                            rows: int, steps: int):
   n, d = x_ref.shape
-  extra = y_ref.shape[1] - d   # bias columns: a 1, then 0s
   col, cmask = _columns(d)
   scale = plgpu.load(scale_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
   bias = plgpu.load(bias_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
@@ -250,10 +240,6 @@ def _layer_norm_fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref
     rstd = lax.rsqrt(jnp.sum(xc * xc, axis=1) / d + eps)
     y = xc * rstd[:, None] * scale[None, :] + bias[None, :]
     plgpu.store(y_ref.at[row[:, None], col[None, :]], y.astype(y_ref.dtype), mask=mask)
-    if extra:
-      ecol = jnp.arange(extra)
-      ones = jnp.broadcast_to((ecol == 0)[None, :], (rows, extra)).astype(y_ref.dtype)
-      plgpu.store(y_ref.at[row[:, None], d + ecol[None, :]], ones, mask=rmask[:, None])
     plgpu.store(mean_ref.at[row], mean, mask=rmask)
     plgpu.store(rstd_ref.at[row], rstd, mask=rmask)
 
@@ -293,51 +279,59 @@ def _layer_norm_bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, 
   _store_partial_sum(dbias_ref, program, col, cmask, dbias)
 
 
-def _layer_norm_fwd(x, scale, bias, eps, bias_columns):
+def _layer_norm_fwd(x, scale, bias, eps):
   x_ND = x.reshape(-1, x.shape[-1])
   n, d = x_ND.shape
-  out_shape = lambda _: (jax.ShapeDtypeStruct((n, d + bias_columns), x.dtype),
-                         jax.ShapeDtypeStruct((n,), jnp.float32),
-                         jax.ShapeDtypeStruct((n,), jnp.float32))
-  y_ND, mean_N, rstd_N = _row_blocks_call(_layer_norm_fwd_kernel, LN_FWD_BLOCKS, "layer_norm_fwd",
-                                          n, out_shape, eps=eps)(x_ND, scale, bias)
-  return y_ND.reshape(x.shape[:-1] + (d + bias_columns,)), (x_ND, scale, mean_N, rstd_N)
+
+  def rows(x_ND, scale, bias):
+    n = x_ND.shape[0]
+    out_shape = lambda _: (jax.ShapeDtypeStruct((n, d), x.dtype),
+                           jax.ShapeDtypeStruct((n,), jnp.float32),
+                           jax.ShapeDtypeStruct((n,), jnp.float32))
+    return _row_blocks_call(_layer_norm_fwd_kernel, LN_FWD_BLOCKS, "layer_norm_fwd", n, out_shape,
+                            eps=eps)(x_ND, scale, bias)
+
+  y_ND, mean_N, rstd_N = per_shard(rows, (True, False, False), (True,) * 3)(x_ND, scale, bias)
+  return y_ND.reshape(x.shape), (x_ND, scale, mean_N, rstd_N)
 
 
 def _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres):
-  n, d = x_ND.shape
+  d = x_ND.shape[1]
   residual = dres is not None
-  out_shape = lambda programs: (jax.ShapeDtypeStruct((n, d), x_ND.dtype),
-                                jax.ShapeDtypeStruct((programs, d), jnp.float32),
-                                jax.ShapeDtypeStruct((programs, d), jnp.float32))
-  # d(y) may be wider than x (bias columns): the kernel reads its first d columns.
-  args = [x_ND, dy.reshape(n, -1), mean_N, rstd_N, scale]
-  args += [dres.reshape(n, d)] if residual else []
-  dx_ND, dscale_PD, dbias_PD = _row_blocks_call(
-      _layer_norm_bwd_kernel, LN_BWD_BLOCKS, "layer_norm_bwd", n, out_shape,
-      residual=residual)(*args)
-  return dx_ND.reshape(dy.shape[:-1] + (d,)), dscale_PD.sum(0), dbias_PD.sum(0)
+
+  def rows(x_ND, dy_ND, mean_N, rstd_N, scale, *dres_ND):
+    n = x_ND.shape[0]
+    out_shape = lambda programs: (jax.ShapeDtypeStruct((n, d), x_ND.dtype),
+                                  jax.ShapeDtypeStruct((programs, d), jnp.float32),
+                                  jax.ShapeDtypeStruct((programs, d), jnp.float32))
+    return _row_blocks_call(_layer_norm_bwd_kernel, LN_BWD_BLOCKS, "layer_norm_bwd", n,
+                            out_shape, residual=residual)(x_ND, dy_ND, mean_N, rstd_N, scale,
+                                                          *dres_ND)
+
+  args = [x_ND, dy.reshape(-1, d), mean_N, rstd_N, scale] + (
+      [dres.reshape(-1, d)] if residual else [])
+  dx_ND, dscale_PD, dbias_PD = per_shard(rows, (True,) * 4 + (False,) + (True,) * residual,
+                                         (True,) * 3)(*args)
+  return dx_ND.reshape(dy.shape), dscale_PD.sum(0), dbias_PD.sum(0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def layer_norm(x, scale, bias, eps: float, residual: bool, bias_columns: int = 0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps: float, residual: bool):
   """LayerNorm over the last axis with flax.linen.LayerNorm's parameters: statistics in float32
   (two-pass variance, in registers), y in x's dtype. With `residual` it returns (x, y): the caller
   continues the residual stream from this x, so that the backward pass adds the stream's gradient
-  into d(x) itself. With `bias_columns` > 0, y has that many more columns, a column of ones and
-  then zeros, written by the same kernel: a matmul that follows takes its bias as one more row of
-  its weight, and the bias gradient comes from the weight-gradient matmul (gptjax.model.MLP)."""
-  y = _layer_norm_fwd(x, scale, bias, eps, bias_columns)[0]
+  into d(x) itself."""
+  y = _layer_norm_fwd(x, scale, bias, eps)[0]
   return (x, y) if residual else y
 
 
-def _layer_norm_vjp_fwd(x, scale, bias, eps, residual, bias_columns):
-  y, saved = _layer_norm_fwd(x, scale, bias, eps, bias_columns)
+def _layer_norm_vjp_fwd(x, scale, bias, eps, residual):
+  y, saved = _layer_norm_fwd(x, scale, bias, eps)
   return ((x, y) if residual else y), (saved, bias)
 
 
-def _layer_norm_vjp_bwd(eps, residual, bias_columns, saved, g):
-  del eps, bias_columns
+def _layer_norm_vjp_bwd(eps, residual, saved, g):
+  del eps
   (x_ND, scale, mean_N, rstd_N), bias = saved
   dres, dy = g if residual else (None, g)
   dx, dscale, dbias = _layer_norm_bwd(x_ND, scale, mean_N, rstd_N, dy, dres)
@@ -386,12 +380,16 @@ def _bias_gelu_grad_kernel(x_ref, dy_ref, dx_ref, db_ref, *, rows: int, steps: i
 def bias_gelu_grad(x, dy):
   """For y = gelu(x) with x = h + bias (rows of x: N x F): d(x) in x's dtype and d(bias) =
   sum over rows of d(x), in float32."""
-  x_NF, dy_NF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, x.shape[-1])
-  n, f = x_NF.shape
+  f = x.shape[-1]
   *blocks, cols = GELU_BLOCKS
   cols = min(cols, pl.next_power_of_2(f))
-  out_shape = lambda programs: (jax.ShapeDtypeStruct((n, f), x.dtype),
-                                jax.ShapeDtypeStruct((programs, f), jnp.float32))
-  dx_NF, db_PF = _row_blocks_call(_bias_gelu_grad_kernel, blocks, "bias_gelu_grad", n, out_shape,
-                                  column_blocks=pl.cdiv(f, cols), cols=cols)(x_NF, dy_NF)
+
+  def rows(x_NF, dy_NF):
+    n = x_NF.shape[0]
+    out_shape = lambda programs: (jax.ShapeDtypeStruct((n, f), x.dtype),
+                                  jax.ShapeDtypeStruct((programs, f), jnp.float32))
+    return _row_blocks_call(_bias_gelu_grad_kernel, blocks, "bias_gelu_grad", n, out_shape,
+                            column_blocks=pl.cdiv(f, cols), cols=cols)(x_NF, dy_NF)
+
+  dx_NF, db_PF = per_shard(rows, (True, True), (True, True))(x.reshape(-1, f), dy.reshape(-1, f))
   return dx_NF.reshape(x.shape), db_PF.sum(0)

@@ -4,16 +4,22 @@ GPT-2 layout: token + learned position embeddings, pre-LN blocks (causal self-at
 a final LayerNorm and an output head tied to the token embedding. Parameters are float32; the
 activations run in `dtype` (bfloat16 on accelerators); the logits are returned in float32 unless
 the caller asks for another dtype (the training loss takes them in the compute dtype).
-Nothing here knows about training.
+
+Two forms of the block compute the same function with the same parameters: `Block`, GPT-2's
+block as a reader expects it, and `FusedBlock`, arranged for the GPU (rows layout, q/k/v as three
+matmuls, biases moved where softmax makes them exact, GELU recomputed backward, Pallas kernels).
+The config's execution plan (gptjax.plan, resolved once per run) chooses; nothing here reads the
+backend, the device count or the environment. Nothing here knows about training.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax import cublaslt, kernels, xla_flags
+from gptjax import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,41 +35,120 @@ class ModelConfig:
   attention: str = "xla"     # "xla" | "cudnn"
   remat: bool = False
   layer_norm_epsilon: float = 1e-6  # flax's; GPT-2's checkpoints use 1e-5
+  # How it computes (gptjax.plan), not what: every combination is the same function.
+  fused_block: bool = False        # FusedBlock, else Block
+  layer_norm_kernel: bool = False  # FusedBlock's and the final LayerNorm as Pallas kernels
+  gelu_kernel: bool = False        # FusedBlock's GELU backward as a Pallas kernel
+  loss_kernel: bool = False        # the loss as Pallas kernels (gptjax.step)
+  gelu_epilogue: bool = False      # FusedBlock's GELU in the compute dtype, as cuBLASLt fuses it
 
 
 def padded_vocab_size(n_vocab: int, multiple: int = 128) -> int:
   return multiple * math.ceil(n_vocab / multiple)
 
 
-def _gelu_form(x):
-  """jax.nn.gelu(x, approximate=True) in x's dtype, written as XLA can fuse it on this platform.
+def _init(std):
+  return nn.initializers.normal(stddev=std)
 
-  On a GPU with gptjax.xla_flags' epilogue flags in effect it is written in x's dtype and in
-  exactly the form XLA's cuBLAS rewriter matches: applied to the output of a 2-D matmul plus bias
-  (see DenseGELU) it becomes that matmul's BIAS_GELU_AUX epilogue, computed in float32 on the
-  accumulator. Elsewhere there is no epilogue to match, and it runs in float32 (in bf16 element by
-  element it would lose precision).
-  """
-  if jax.default_backend() == "gpu" and xla_flags.epilogue_fusion_on():
+
+class _Attention(nn.Module):
+  """What both attention forms share: the heads and the decode cache."""
+  config: ModelConfig
+
+  def attend(self, q_BTNH, k_BTNH, v_BTNH, cache_index):
+    if cache_index is None:
+      return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
+                                          implementation=self.config.attention)
+    k_BLNH, v_BLNH, mask_11TL = self._write_cache(k_BTNH, v_BTNH, cache_index)
+    return jax.nn.dot_product_attention(q_BTNH, k_BLNH, v_BLNH, mask=mask_11TL,
+                                        implementation="xla")
+
+  def heads(self, y_BTD):
+    B, T, D = y_BTD.shape
+    return y_BTD.reshape(B, T, self.config.num_heads, D // self.config.num_heads)
+
+  def _write_cache(self, k_BTNH, v_BTNH, index):
+    """Decode mode: writes the T new keys/values at `index` of a fixed-size cache (L =
+    max_seq_len, so one compiled shape serves every step) and masks what query t may not see."""
+    B, T, N, H = k_BTNH.shape
+    L = self.config.max_seq_len
+    key = self.variable("cache", "key", jnp.zeros, (B, L, N, H), k_BTNH.dtype)
+    value = self.variable("cache", "value", jnp.zeros, (B, L, N, H), v_BTNH.dtype)
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BTNH, (0, index, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BTNH, (0, index, 0, 0))
+    mask_TL = jnp.arange(L)[None, :] <= index + jnp.arange(T)[:, None]
+    return key.value, value.value, mask_TL[None, None]
+
+
+# ---- The reference block: GPT-2's, in flax's own layers. -------------------------------------
+
+class CausalSelfAttention(_Attention):
+
+  @nn.compact
+  def __call__(self, x_BTD, *, deterministic: bool, cache_index=None):
+    cfg = self.config
+    B, T, D = x_BTD.shape
+    qkv_BTD = nn.Dense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
+    q_BTNH, k_BTNH, v_BTNH = map(self.heads, jnp.split(qkv_BTD, 3, axis=-1))
+    y_BTD = self.attend(q_BTNH, k_BTNH, v_BTNH, cache_index).reshape(B, T, D)
+    # GPT-2: residual projections scaled by 1/sqrt(2 * num_layers).
+    y_BTD = nn.Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_init(
+        0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTD)
+    return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, *, deterministic: bool):
+    cfg = self.config
+    h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(x_BTD)
+    y = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=_init(
+        0.02 / math.sqrt(2 * cfg.num_layers)))(nn.gelu(h, approximate=True))
+    return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """A pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, deterministic: bool, cache_index=None):
+    cfg = self.config
+    ln = functools.partial(nn.LayerNorm, cfg.layer_norm_epsilon, dtype=cfg.dtype)
+    x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(
+        ln(name="ln1")(x_BTD), deterministic=deterministic, cache_index=cache_index)
+    return x_BTD + MLP(cfg, name="mlp")(ln(name="ln2")(x_BTD), deterministic=deterministic)
+
+
+# ---- The fused block: the same function and parameters, arranged for the GPU. ----------------
+
+def _gelu_form(x, epilogue: bool):
+  """jax.nn.gelu(x, approximate=True) in x's dtype. With `epilogue` (the plan's
+  xla_gpu_epilogues) it is written in x's dtype and in exactly the form XLA's cuBLAS rewriter
+  matches: applied to the output of a 2-D matmul plus bias (DenseGELU) it becomes that matmul's
+  BIAS_GELU_AUX epilogue, computed in float32 on the accumulator. Without one it runs in float32
+  (in bf16 element by element it would lose precision)."""
+  if epilogue:
     return kernels.gelu_tanh(x)
   return kernels.gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
 
 
-@jax.custom_vjp
-def gelu(x):
-  """jax.nn.gelu(x, approximate=True), returned in x's dtype (_gelu_form), with a backward pass
-  that recomputes tanh from x (the MLP's saved pre-activation) behind an optimization barrier, so
-  nothing else is saved. Autodiff through jax.nn.gelu makes XLA keep an extra activation-sized
-  intermediate of every MLP: 2.3 GiB of the medium preset's 19.4 at batch 32 (bench/HISTORY.md).
-  """
-  return _gelu_form(x)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x, epilogue: bool):
+  """_gelu_form(x), with a backward pass that recomputes tanh from x (the MLP's saved
+  pre-activation) behind an optimization barrier, so nothing else is saved: autodiff through
+  jax.nn.gelu makes XLA keep an extra activation-sized intermediate of every MLP."""
+  return _gelu_form(x, epilogue)
 
 
-def _gelu_fwd(x):
-  return gelu(x), x
+def _gelu_fwd(x, epilogue):
+  return gelu(x, epilogue), x
 
 
-def _gelu_bwd(x, dy):
+def _gelu_bwd(epilogue, x, dy):
+  del epilogue
   xf = jax.lax.optimization_barrier(x).astype(jnp.float32)  # recompute, don't share with fwd
   return ((dy.astype(jnp.float32) * kernels.gelu_tanh_grad(xf)).astype(x.dtype),)
 
@@ -71,20 +156,21 @@ def _gelu_bwd(x, dy):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-@jax.custom_vjp
-def bias_gelu(h, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bias_gelu(h, bias, epilogue: bool):
   """gelu(h + bias), whose backward pass is gptjax.kernels.bias_gelu_grad's Pallas kernel: d(h)
   and d(bias) in one pass over the saved pre-activation h + bias (which the matmul's GELU epilogue
-  writes anyway) and d(y). For one GPU (kernels.enabled); elsewhere DenseGELU uses gelu."""
-  return _bias_gelu_fwd(h, bias)[0]
+  writes anyway) and d(y)."""
+  return _bias_gelu_fwd(h, bias, epilogue)[0]
 
 
-def _bias_gelu_fwd(h, bias):
+def _bias_gelu_fwd(h, bias, epilogue):
   x = h + bias
-  return _gelu_form(x), (x, bias)
+  return _gelu_form(x, epilogue), (x, bias)
 
 
-def _bias_gelu_bwd(saved, dy):
+def _bias_gelu_bwd(epilogue, saved, dy):
+  del epilogue
   x, bias = saved
   dx, dbias = kernels.bias_gelu_grad(x, dy)
   return dx, dbias.astype(bias.dtype)
@@ -125,107 +211,42 @@ class DenseGELU(_Dense):
   """gelu(nn.Dense(features)(x)) on 2-D rows, with nn.Dense's parameters and arithmetic: the
   matmul's output is the GELU's direct operand, as cuBLASLt's epilogue fusion needs (gelu);
   through a reshape XLA would fuse no GELU, or compute the matmul twice."""
+  epilogue: bool = False
+  kernel: bool = False   # the backward pass as bias_gelu's Pallas kernel
 
   @nn.compact
   def __call__(self, x_NK):
     x_NK, kernel, bias = self.promoted(x_NK)
     h_NF = x_NK @ kernel
-    if kernels.enabled():
-      return bias_gelu(h_NF, bias)
+    if self.kernel:
+      return bias_gelu(h_NF, bias, self.epilogue)
     # The bias add's own autodiff: XLA fuses its gradient into gelu's backward pass (reduced
     # inside a custom VJP, XLA made it a separate, slower pass: bench/HISTORY.md).
-    return gelu(h_NF + bias)
-
-
-class DenseParams(_Dense):
-  """nn.Dense's parameters alone ('kernel', 'bias'), in the compute dtype, for a caller that
-  applies them itself (MLP)."""
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    return nn.dtypes.promote_dtype(*self.declared(in_features), dtype=self.dtype)
-
-
-# The columns LayerNorm appends to the MLP's input on the gelu_mlp path: a 1, then 0s up to a
-# multiple of 8, cuBLAS's alignment of bf16 rows.
-BIAS_COLUMNS = 8
-
-
-def with_bias_row(kernel_KF, bias_F, bias_columns: int = BIAS_COLUMNS):
-  """The (K + bias_columns, F) weight whose product with LayerNorm(bias_columns)'s rows adds the
-  bias: kernel, then the bias, then zeros. Its gradient's bias row is the bias gradient."""
-  zeros = jnp.zeros((bias_columns - 1, kernel_KF.shape[1]), kernel_KF.dtype)
-  return jnp.concatenate([kernel_KF, bias_F[None].astype(kernel_KF.dtype), zeros])
-
-
-@jax.custom_vjp
-def gelu_mlp(x_NK, w1_KF, w2_FD):
-  """gelu(x @ w1) @ w2 on rows, whose backward pass takes d(gelu's input) from one matmul:
-  gptjax.cublaslt.dgelu_bgrad, cuBLASLt's DGELU epilogue reading the pre-activation that the
-  forward matmul's GELU_AUX epilogue saved. (Where the op does not apply, the same arithmetic in
-  XLA: dgelu_bgrad_reference.) The first layer's bias comes in x's ones column and w1's bias row
-  (with_bias_row), so that its gradient is a row of w1's gradient matmul: no bias epilogue
-  forward, no separate sum over the rows backward (bench/HISTORY.md, item 48). Cotangents come
-  back in the primals' dtypes."""
-  return _gelu_mlp_fwd(x_NK, w1_KF, w2_FD)[0]
-
-
-def _gelu_mlp_fwd(x_NK, w1_KF, w2_FD):
-  pre_NF = x_NK @ w1_KF
-  h_NF = _gelu_form(pre_NF)
-  return h_NF @ w2_FD, (x_NK, w1_KF, pre_NF, h_NF, w2_FD)
-
-
-def _gelu_mlp_bwd(saved, dy_ND):
-  x_NK, w1_KF, pre_NF, h_NF, w2_FD = saved
-  fused = cublaslt.applies(pre_NF.dtype, w2_FD.shape[0])
-  dgelu_bgrad = cublaslt.dgelu_bgrad if fused else cublaslt.dgelu_bgrad_reference
-  # Its bias sum unused, XLA drops it.
-  d_pre_NF = dgelu_bgrad(dy_ND.astype(pre_NF.dtype), w2_FD.T.astype(pre_NF.dtype), pre_NF)[0]
-  grads = (d_pre_NF @ w1_KF.T, x_NK.T @ d_pre_NF, h_NF.T @ dy_ND.astype(h_NF.dtype))
-  return tuple(g.astype(p.dtype) for g, p in zip(grads, (x_NK, w1_KF, w2_FD)))
-
-
-gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
-
-
-def fused_mlp_backward(dtype, d_ff: int) -> bool:
-  """Whether MLP runs as gelu_mlp with cuBLASLt's epilogue: on one GPU (kernels.enabled), where
-  the op applies (gptjax.cublaslt.applies: bf16 compute, d_ff a multiple of 8, the extension
-  built)."""
-  return kernels.enabled() and cublaslt.applies(dtype, d_ff)
+    return gelu(h_NF + bias, self.epilogue)
 
 
 class LayerNorm(nn.LayerNorm):
-  """flax.linen.LayerNorm (its parameters and options), run as gptjax.kernels' Pallas kernels on
-  one GPU and as flax's own elsewhere.
+  """flax.linen.LayerNorm (its parameters and options), or, with `kernel`, gptjax.kernels' Pallas
+  kernels.
 
   With `residual=True` it returns (x, LayerNorm(x)), and the caller continues the residual stream
   from that x: the kernels' backward pass then adds the stream's gradient into d(x) as it writes
   it, instead of XLA adding it in another pass over the activations.
   """
+  kernel: bool = False
 
   @nn.compact
-  def __call__(self, x, residual: bool = False, bias_columns: int = 0):
-    """`bias_columns` > 0 appends that many columns to the output, a 1 and then 0s (see
-    with_bias_row)."""
-    if kernels.enabled():
-      features = (x.shape[-1],)
-      scale = self.param("scale", self.scale_init, features, self.param_dtype)
-      bias = self.param("bias", self.bias_init, features, self.param_dtype)
-      out = kernels.layer_norm(x, scale, bias, self.epsilon, residual, bias_columns)
-      x, y = out if residual else (x, out)
-      y = y.astype(self.dtype or x.dtype)
-    else:
+  def __call__(self, x, residual: bool = False):
+    if not self.kernel:
       y = super().__call__(x)
-      if bias_columns:
-        ones = jnp.zeros(y.shape[:-1] + (bias_columns,), y.dtype).at[..., 0].set(1)
-        y = jnp.concatenate([y, ones], axis=-1)
+      return (x, y) if residual else y
+    features = (x.shape[-1],)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    out = kernels.layer_norm(x, scale, bias, self.epsilon, residual)
+    x, y = out if residual else (x, out)
+    y = y.astype(self.dtype or x.dtype)
     return (x, y) if residual else y
-
-
-def _init(std):
-  return nn.initializers.normal(stddev=std)
 
 
 @jax.custom_vjp
@@ -264,124 +285,88 @@ qkv_matmuls.defvjp(_qkv_matmuls_fwd, _qkv_matmuls_bwd)
 
 
 class QKVDense(_Dense):
-  """q, k and v for attention: nn.Dense(features = 3 * d) split in three, with nn.Dense's
-  parameters. Returns (q, k, v, v_bias): with v_bias None, exactly nn.Dense's output split.
+  """q, k and v for attention, with nn.Dense(features = 3 * d)'s parameters, as three matmuls on
+  column slices of the kernel, so that q, k and v each leave their own matmul contiguous, as
+  cuDNN's attention takes them; slicing one (B, T, 3D) output copies them, and their gradients
+  are concatenated (bench/HISTORY.md). XLA's dot merger would merge the three back: the plan turns
+  it off where the fused block runs on a GPU (gptjax.plan).
 
-  On one GPU with XLA's dot merger off (gptjax.xla_flags) it runs three matmuls on column
-  slices of the kernel, so that q, k and v each leave their own matmul contiguous, as cuDNN's
-  attention takes them; slicing one (B, T, 3D) output copies them, and their gradients are
-  concatenated (bench/HISTORY.md). With the merger on, XLA
-  merges the three back into one matmul, sliced: there, and elsewhere, it is one matmul.
-
-  The three matmuls leave k and v without their biases, which attention does not need where
-  they are: k's bias adds q . b_k to all of a query's scores alike, which softmax cancels, so its
-  gradient is 0; v's bias reaches every output row whole (the attention weights sum to 1), so
-  it is returned as v_bias for the output projection to take into its own bias
-  (_Dense.promoted's input_bias). Two bias epilogues and two bias-gradient passes over
-  (B*T, d) fewer per block."""
+  The three matmuls leave k and v without their biases, which attention does not need where they
+  are: k's bias adds q . b_k to all of a query's scores alike, which softmax cancels, so its
+  gradient is 0; v's bias reaches every output row whole (the attention weights sum to 1), so it
+  is returned as v_bias for the output projection to take into its own bias
+  (_Dense.promoted's input_bias). Returns (q, k, v, v_bias)."""
 
   @nn.compact
   def __call__(self, x):
     kernel, bias = self.declared(x.shape[-1])
     x_c, kernel_c, bias_c = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if separate_qkv_matmuls():
-      d = self.features // 3
-      return (*qkv_matmuls(x_c, kernel_c, bias_c[:d]), bias[2 * d:])
-    return (*_thirds(x_c @ kernel_c + bias_c), None)
+    d = self.features // 3
+    return (*qkv_matmuls(x_c, kernel_c, bias_c[:d]), bias[2 * d:])
 
 
-def separate_qkv_matmuls() -> bool:
-  """Whether QKVDense runs three matmuls: on one GPU, with XLA's dot merger off. A run of several
-  processes with one GPU each gets the flag too (gptjax.xla_flags counts the GPUs a process sees),
-  but keeps one matmul: the three are measured on one device only."""
-  return kernels.enabled() and xla_flags.dot_merger_off()
+class FusedAttention(_Attention):
+  """CausalSelfAttention's function; returns the output projection as rows (B*T, D), the layout
+  in which FusedBlock adds it to the residual stream.
 
-
-class CausalSelfAttention(nn.Module):
-  """Causal multi-head self-attention of x (B, T, D); returns the output projection as rows
-  (B*T, D), the layout in which Block adds it to the residual stream.
-
-  Where QKVDense leaves k's and v's biases out (its v_bias not None), the projection takes v's:
-  exact because every query sees at least one key (causal, and the decode mask keeps each query's
-  own position) and the attention weights are not dropped out, so each row's weights sum to 1.
-  Attention dropout, or a mask that can leave a row without keys, would need v's bias back on v."""
-  config: ModelConfig
+  The projection takes v's bias (QKVDense): exact because every query sees at least one key
+  (causal, and the decode mask keeps each query's own position) and the attention weights are not
+  dropped out, so each row's weights sum to 1."""
 
   @nn.compact
   def __call__(self, x_BTD, *, deterministic: bool, cache_index=None):
     cfg = self.config
-    head_dim = cfg.d_model // cfg.num_heads
     B, T, D = x_BTD.shape
     *qkv, v_bias = QKVDense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
-    q_BTNH, k_BTNH, v_BTNH = (y_BTD.reshape(B, T, cfg.num_heads, head_dim) for y_BTD in qkv)
-    if cache_index is None:
-      y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True,
-                                            implementation=cfg.attention)
-    else:
-      k_BLNH, v_BLNH, mask_11TL = self._write_cache(k_BTNH, v_BTNH, cache_index)
-      y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BLNH, v_BLNH, mask=mask_11TL,
-                                            implementation="xla")
-    # GPT-2: residual projections scaled by 1/sqrt(2 * num_layers).
+    y_BTNH = self.attend(*map(self.heads, qkv), cache_index)
     y_ND = Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_init(
         0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTNH.reshape(B * T, D), input_bias=v_bias)
-    return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)   # rows, as Block adds them
-
-  def _write_cache(self, k_BTNH, v_BTNH, index):
-    """Decode mode: writes the T new keys/values at `index` of a fixed-size cache (L =
-    max_seq_len, so one compiled shape serves every step) and masks what query t may not see."""
-    B, T, N, H = k_BTNH.shape
-    L = self.config.max_seq_len
-    key = self.variable("cache", "key", jnp.zeros, (B, L, N, H), k_BTNH.dtype)
-    value = self.variable("cache", "value", jnp.zeros, (B, L, N, H), v_BTNH.dtype)
-    key.value = jax.lax.dynamic_update_slice(key.value, k_BTNH, (0, index, 0, 0))
-    value.value = jax.lax.dynamic_update_slice(value.value, v_BTNH, (0, index, 0, 0))
-    mask_TL = jnp.arange(L)[None, :] <= index + jnp.arange(T)[:, None]
-    return key.value, value.value, mask_TL[None, None]
+    return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)
 
 
-class MLP(nn.Module):
+class FusedMLP(nn.Module):
+  """MLP's function on rows (B*T, D)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_ND, *, deterministic: bool):
-    """Rows (B*T, D) in and out. Rows with LayerNorm's bias columns appended (as Block gives
-    them where fused_mlp_backward) run as gelu_mlp, b1 as w1's bias row."""
     cfg = self.config
-    fc_init, proj_init = _init(0.02), _init(0.02 / math.sqrt(2 * cfg.num_layers))
-    bias_columns = x_ND.shape[-1] - cfg.d_model
-    if bias_columns:
-      w1_KF, b1_F = DenseParams(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(
-          cfg.d_model)
-      w2_FD, b2_D = DenseParams(cfg.d_model, dtype=cfg.dtype, kernel_init=proj_init,
-                                name="proj")(cfg.d_ff)
-      w1_KF = with_bias_row(w1_KF, b1_F, bias_columns)
-      y_ND = gelu_mlp(x_ND.astype(cfg.dtype), w1_KF, w2_FD) + b2_D
-    else:
-      h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=fc_init, name="fc")(x_ND)
-      y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=proj_init)(h_NF)
+    h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc",
+                     epilogue=cfg.gelu_epilogue, kernel=cfg.gelu_kernel)(x_ND)
+    y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=_init(
+        0.02 / math.sqrt(2 * cfg.num_layers)))(h_NF)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)
 
 
-class Block(nn.Module):
-  """A pre-LN block. Inside it the residual stream is rows (B*T, D): each residual add then takes
-  the stream itself, which the LayerNorms use too, and XLA fuses the add into the projection's
-  matmul as its C input, written out of place. Added through a (B, T, D) reshape, the stream
-  reached the add as a view of no other use: XLA wrote the matmul over it in place and so had to
-  copy the stream first (24 copies per step of the medium preset)."""
+def check_fused(cfg) -> None:
+  """The fused block's maths hold for this architecture only: k's bias dropped and v's moved into
+  the projection need every attention row's weights to sum to 1 (no dropout on them, no mask that
+  leaves a query without keys), and the rows layout assumes positions enter once, at the
+  embedding (learned, not rotary). A config that grows such a variant must run Block."""
+  assert not getattr(cfg, "attention_dropout", 0.0), "FusedBlock: attention dropout"
+  assert getattr(cfg, "positions", "learned") == "learned", "FusedBlock: non-learned positions"
+
+
+class FusedBlock(nn.Module):
+  """Block's function and parameters. Inside it the residual stream is rows (B*T, D): each
+  residual add then takes the stream itself, which the LayerNorms use too, and XLA fuses the add
+  into the projection's matmul as its C input, written out of place. Added through a (B, T, D)
+  reshape, the stream reached the add as a view of no other use: XLA wrote the matmul over it in
+  place and so had to copy the stream first (24 copies per step of the medium preset)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD, deterministic: bool, cache_index=None):
     cfg = self.config
+    check_fused(cfg)
     B, T, D = x_BTD.shape
-    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln1")(
-        x_BTD.reshape(B * T, D), residual=True)
-    x_ND = x_ND + CausalSelfAttention(cfg, name="attn")(
+    ln = functools.partial(LayerNorm, cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                           kernel=cfg.layer_norm_kernel)
+    x_ND, h_ND = ln(name="ln1")(x_BTD.reshape(B * T, D), residual=True)
+    x_ND = x_ND + FusedAttention(cfg, name="attn")(
         h_ND.reshape(B, T, D), deterministic=deterministic, cache_index=cache_index)
-    bias_columns = BIAS_COLUMNS if fused_mlp_backward(cfg.dtype, cfg.d_ff) else 0
-    x_ND, h_ND = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln2")(
-        x_ND, residual=True, bias_columns=bias_columns)
-    x_ND = x_ND + MLP(cfg, name="mlp")(h_ND, deterministic=deterministic)
+    x_ND, h_ND = ln(name="ln2")(x_ND, residual=True)
+    x_ND = x_ND + FusedMLP(cfg, name="mlp")(h_ND, deterministic=deterministic)
     return x_ND.reshape(B, T, D)
 
 
@@ -408,10 +393,12 @@ class GPT(nn.Module):
       positions_T = cache_index + positions_T
     x_BTD = (wte(tokens_BT) + wpe(positions_T)[None]).astype(cfg.dtype)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
-    block = nn.remat(Block, static_argnums=(2,)) if cfg.remat and not decode else Block
+    block = FusedBlock if cfg.fused_block else Block
+    block = nn.remat(block, static_argnums=(2,)) if cfg.remat and not decode else block
     for i in range(cfg.num_layers):
       x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
-    x_BTD = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln_f")(x_BTD)
+    x_BTD = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, kernel=cfg.layer_norm_kernel,
+                      name="ln_f")(x_BTD)
     # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
     w_VD = wte.embedding.astype(cfg.dtype)
     if not head:

@@ -93,8 +93,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> 
         f"{max(1, round(batch_size / n_devices)) * n_devices}")
 
 
-def weight_spec(shape, fsdp_size: int) -> P:
-  """Shards a matrix along its largest axis that `fsdp_size` divides; anything else replicated.
+def weight_spec(shape, fsdp_size: int, axes=MESH_AXES[1]) -> P:
+  """Shards a matrix along its largest axis that `fsdp_size` divides, over the mesh axis (or
+  axes) `axes` of that size; anything else replicated.
 
   Vectors (biases, LayerNorm scales) and scalars stay whole: they are a sliver of the memory, and
   splitting them would add a collective each. The rule reads only the shape, so a parameter and
@@ -104,7 +105,7 @@ def weight_spec(shape, fsdp_size: int) -> P:
     return P()
   for axis in sorted(range(len(shape)), key=lambda a: (-shape[a], a)):
     if shape[axis] % fsdp_size == 0:
-      return P(*[MESH_AXES[1] if a == axis else None for a in range(len(shape))])
+      return P(*[axes if a == axis else None for a in range(len(shape))])
   return P()
 
 
@@ -115,12 +116,29 @@ def tree_shardings(abstract_tree, mesh: Mesh):
                       abstract_tree)
 
 
-def init_sharded(init_fn, mesh: Mesh, *args):
-  """(init_fn(*args), its shardings), each array created directly in its shards on the mesh.
+def state_shardings(abstract_state, mesh: Mesh, shard_optimizer: bool = False):
+  """NamedShardings of a gptjax.step.TrainState: parameters and optimizer state as
+  tree_shardings lays them out; with `shard_optimizer` (ZeRO-1) the optimizer state (AdamW's
+  moments, twice the parameters) split over every device of the mesh instead. The parameters
+  stay as they are (whole on each device with data parallelism), so the forward and backward
+  passes are data parallelism's; XLA reduces the gradients only onto the shard of the moments
+  each device updates and gathers the updated parameters back."""
+  shardings = tree_shardings(abstract_state, mesh)
+  if not shard_optimizer:
+    return shardings
+  every = mesh.devices.size
+  return shardings.replace(opt_state=jax.tree.map(
+      lambda x: NamedSharding(mesh, weight_spec(x.shape, every, MESH_AXES)),
+      abstract_state.opt_state))
+
+
+def init_sharded(init_fn, shardings_of, *args):
+  """(init_fn(*args), its shardings), each array created directly in its shards:
+  `shardings_of(abstract result)` gives them (e.g. state_shardings).
 
   The whole state never exists on one device, so a model larger than one card can start.
   """
-  shardings = tree_shardings(jax.eval_shape(init_fn, *args), mesh)
+  shardings = shardings_of(jax.eval_shape(init_fn, *args))
   return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 

@@ -4,6 +4,7 @@ No I/O here. Health statistics (gptjax.monitor) are reductions inside the same s
 `lax.cond` on its interval; the only every-step checks are whether loss and gradient norm are
 finite, and a non-finite update is never applied.
 """
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -25,85 +26,23 @@ def init_state(model, tx, rng, seq_len: int) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def logsumexp_one_pass(x_BTV):
-  """logsumexp over the last axis, in float32, in one read of x: a variadic reduction of the
-  running max and the sum of exp(x - max), where jax.nn.logsumexp reads x twice (the max, then
-  the sum). XLA fuses the upcast of bf16 logits into the reduction."""
-  x_BTV = x_BTV.astype(jnp.float32)
-  def combine(a, b):
-    (m1, s1), (m2, s2) = a, b
-    first = m1 >= m2
-    hi, lo = jnp.maximum(m1, m2), jnp.minimum(m1, m2)
-    s_hi, s_lo = jnp.where(first, s1, s2), jnp.where(first, s2, s1)
-    return hi, s_hi + s_lo * jnp.exp(jnp.where(hi == -jnp.inf, -jnp.inf, lo - hi))
-  m, s = jax.lax.reduce((x_BTV, jnp.ones_like(x_BTV)), (jnp.float32(-jnp.inf), jnp.float32(0)),
-                        combine, (x_BTV.ndim - 1,))
-  return m + jnp.log(s)
-
-
-def library_loss() -> bool:
-  """Whether the loss is optax's, autodiff through jax.nn.logsumexp: on the CPU. fused_cross_entropy
-  saves passes over accelerators' bf16 logits; on the CPU its one-pass reduction is slower than
-  jax.nn.logsumexp, and so is the step (bench/README.md, CPU)."""
-  return jax.default_backend() == "cpu" and not kernels.enabled()
-
-
-def cross_entropy(logits_BTV, targets_BT):
-  """Per-token softmax cross-entropy in float32, for logits of any float dtype: optax's on the CPU
-  (library_loss), fused_cross_entropy elsewhere."""
-  if library_loss():
+def cross_entropy(logits_BTV, targets_BT, kernel: bool = False):
+  """Per-token softmax cross-entropy in float32, for logits of any float dtype: optax's, or with
+  `kernel` (the plan's loss_kernel) the logsumexp as gptjax.kernels.logsumexp, one read of each
+  row, for evaluation (not differentiable: the train step's loss is head_loss)."""
+  if not kernel:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
                                                             targets_BT)
-  return fused_cross_entropy(logits_BTV, targets_BT)
-
-
-@jax.custom_vjp
-def fused_cross_entropy(logits_BTV, targets_BT):
-  """Per-token softmax cross-entropy, as optax's, for logits of any float dtype.
-
-  The logsumexp and the target's logit are computed in float32 (the logits are upcast inside the
-  fused reductions, never stored in float32), and the backward pass writes d(logits) once, in the
-  logits' dtype: softmax minus the one-hot target, fused into one pass. Autodiff through optax's
-  version keeps float32 copies of the vocabulary-sized tensors instead, the largest arrays of the
-  step (B*T*50304 entries).
-  """
-  return _cross_entropy_fwd(logits_BTV, targets_BT)[0]
-
-
-def _cross_entropy_fwd(logits_BTV, targets_BT):
-  logsumexp = kernels.logsumexp if kernels.enabled() else logsumexp_one_pass
-  lse_BT = logsumexp(logits_BTV)
   target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return lse_BT - target_BT.astype(jnp.float32), (logits_BTV, targets_BT, lse_BT)
-
-
-def _cross_entropy_bwd(residuals, g_BT):
-  grad = kernels.softmax_cross_entropy_grad if kernels.enabled() else softmax_cross_entropy_grad
-  return grad(*residuals, g_BT), None
-
-
-def softmax_cross_entropy_grad(logits, targets, lse, g):
-  """XLA's d(logits) of per-row cross-entropies with upstream gradients g, in the logits' dtype:
-  (exp(logits - lse) - onehot(targets)) * g, one fused pass (kernels has the Pallas one)."""
-  p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-  onehot = targets[..., None] == jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  return ((p - onehot) * g[..., None]).astype(logits.dtype)
-
-
-fused_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-def mean_cross_entropy(logits_BTV, targets_BT):
-  """The mean of cross_entropy over all tokens."""
-  return jnp.mean(cross_entropy(logits_BTV, targets_BT))
+  return kernels.logsumexp(logits_BTV) - target_BT.astype(jnp.float32)
 
 
 @jax.custom_vjp
 def head_loss(x_ND, w_VD, targets_N):
   """The mean cross-entropy of the logits x_ND @ w_VD.T (the tied output head) against targets_N,
-  on one GPU: the logits' one read and one write in kernels.softmax_cross_entropy_deferred, which
-  leaves the softmax's per-row normalization r to the head's backward matmuls (g the loss's
-  cotangent, 1 in the train step):
+  with the plan's loss_kernel: the logits' one read and one write in
+  kernels.softmax_cross_entropy_deferred, which leaves the softmax's per-row normalization r to
+  the head's backward matmuls (g the loss's cotangent, 1 in the train step):
 
       d(logits) = g r[:, None] e,   d(x) = g r[:, None] (e @ w),   d(w) = e.T @ (g r[:, None] x).
 
@@ -132,10 +71,10 @@ head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 def train_loss(model, params, inputs_BT, targets_BT, *, rng=None):
-  """The training loss, the mean next-token cross-entropy: on one GPU the tied output head and the
-  loss as head_loss, elsewhere mean_cross_entropy of the model's logits."""
-  if not kernels.enabled():
-    return mean_cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT)
+  """The training loss, the mean next-token cross-entropy: with the plan's loss_kernel the tied
+  output head and the loss as head_loss, else optax's of the model's logits."""
+  if not model.config.loss_kernel:
+    return jnp.mean(cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT))
   x_BTD, w_VD = model.apply({"params": params}, inputs_BT, deterministic=rng is None,
                              rngs=None if rng is None else {"dropout": rng}, head=False)
   return head_loss(x_BTD.reshape(-1, x_BTD.shape[-1]), w_VD, targets_BT.reshape(-1))
@@ -148,15 +87,30 @@ def logits(model, params, inputs_BT, *, rng=None):
 
 
 def token_losses(model, params, inputs_BT, targets_BT, *, rng=None):
-  return cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT)
+  return cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT,
+                       model.config.loss_kernel)
 
 
-def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
-                    state_sharding=None) -> Callable:
+def on_mesh(fn, mesh):
+  """`fn` traced with `mesh` as the mesh in context, where gptjax.kernels.per_shard finds it."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
+
+
+def make_train_step(model, tx, schedule: Callable, config, sample_idx=None, state_sharding=None,
+                    mesh=None, compiler_options=None) -> Callable:
   """Builds the jitted, state-donating train step for `config`'s monitors.
 
   `state_sharding` (gptjax.sharding) pins the new state to the layout of the old one, so a
-  sharded state stays sharded from step to step instead of following XLA's propagation.
+  sharded state stays sharded from step to step instead of following XLA's propagation. `mesh`:
+  the devices it runs on, for the kernels that run per shard; `compiler_options`: the plan's
+  (gptjax.plan.Plan.compiler_options).
   """
   grad_on = bool(config.gradient_monitor)
   weight_on = bool(config.weight_monitor) and sample_idx is not None
@@ -220,12 +174,13 @@ def make_train_step(model, tx, schedule: Callable, config, sample_idx=None,
         monitor.sanity_stats, loss, grads, new_state.params)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sharding, None))
+  return jax.jit(on_mesh(train_step, mesh), donate_argnums=(0,),
+                 out_shardings=(state_sharding, None), compiler_options=compiler_options)
 
 
-def make_eval_step(model) -> Callable:
+def make_eval_step(model, mesh=None, compiler_options=None) -> Callable:
   def eval_step(params, inputs_BT, targets_BT, weights_BT):
     losses = token_losses(model, params, inputs_BT, targets_BT)
     return jnp.sum(losses * weights_BT), jnp.sum(weights_BT)
 
-  return jax.jit(eval_step)
+  return jax.jit(on_mesh(eval_step, mesh), compiler_options=compiler_options)

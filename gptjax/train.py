@@ -61,14 +61,13 @@ def main(argv=None) -> int:
       from gptjax import docs
       print(docs.info() if "info" in actions else docs.explain())
       return 0
-    from gptjax import sharding, trainer, xla_flags
+    from gptjax import sharding, trainer
     at_terminal = sys.stdin.isatty()
     if "check_only" in actions:
       trainer.check(config, explicit, can_ask=at_terminal)
       # The run directory as resolved (absolute): the launcher names its log after it.
       print(f"output_dir: {config.output_dir}")
       return 0
-    xla_flags.set_defaults()  # before the first device call, as both must be
     sharding.initialize_distributed(config)
     result = trainer.train_and_evaluate(config, explicit=explicit, log_file=log_file,
                                         confirm=ask if at_terminal else None)

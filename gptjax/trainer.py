@@ -20,15 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
-from gptjax import evaluate, generate, hf, rundir, sharding
+from gptjax import evaluate, generate, hf, plan as plan_lib, rundir, sharding
 from gptjax.config import ConfigError
-from gptjax.model import GPT, ModelConfig, count_params, padded_vocab_size
+from gptjax.model import GPT, ModelConfig, count_params
 from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
 
 # Where and how this invocation runs, not what it trains: never taken from a snapshot.
 INVOCATION_FIELDS = ("resume", "checkpoint_file", "yes", "allow_data_change", "output_dir",
                      "coordinator_address", "num_processes", "process_id", "mesh_data",
-                     "mesh_fsdp")
+                     "mesh_fsdp", "shard_optimizer")
 # What a resumed run may be given anew (logged): its length, how it reports, snapshots and runs.
 # Every other field is the run's identity: given with another value than the snapshot's, an error.
 CHANGEABLE_ON_RESUME = (
@@ -37,8 +37,8 @@ CHANGEABLE_ON_RESUME = (
     "gradient_monitor", "gradient_monitor_interval", "grad_vanish_threshold",
     "grad_explode_threshold", "weight_monitor", "weight_monitor_interval",
     "weight_monitor_sample_size", "sanity_check_interval", "early_stop_patience",
-    "early_stop_min_delta", "early_stop_overfit_min_delta", "data_cache_dir", "attention",
-    "compute_dtype", "remat")
+    "early_stop_min_delta", "early_stop_overfit_min_delta", "data_cache_dir",
+    "remat") + plan_lib.PLAN_FIELDS
 # What a snapshot's meta holds; a directory without these is not a gptjax snapshot.
 META_KEYS = ("step", "epoch", "index", "history", "epoch_loss", "early_stop", "config", "model")
 
@@ -47,27 +47,12 @@ class NonFiniteError(RuntimeError):
   """Training stopped because a loss or gradient was not finite."""
 
 
-def model_config(config, n_vocab: int) -> ModelConfig:
-  platform = jax.default_backend()
-  dtype = config.compute_dtype
-  if dtype == "auto":
-    dtype = "float32" if platform == "cpu" else "bfloat16"
-  # jax.nn.dot_product_attention's own default (None) is XLA's unfused attention; auto asks for
-  # cuDNN flash attention, which needs a 16-bit compute dtype, on GPU.
-  flash = platform == "gpu" and dtype in ("bfloat16", "float16")
-  attention = {"auto": "cudnn" if flash else "xla"}.get(config.attention, config.attention)
-  return ModelConfig(vocab_size=padded_vocab_size(n_vocab), d_model=config.d_model,
-                     num_heads=config.num_heads, num_layers=config.num_layers, d_ff=config.d_ff,
-                     max_seq_len=config.max_seq_len, dropout=config.dropout,
-                     layer_norm_epsilon=config.layer_norm_epsilon,
-                     dtype=jnp.dtype(dtype), attention=attention, remat=config.remat)
-
-
-def model_info(mcfg: ModelConfig, config, n_vocab: int) -> dict:
-  """What `models/model_*/model.json` records: enough to rebuild and use the model alone."""
+def model_info(mcfg: ModelConfig, config, n_vocab: int, plan) -> dict:
+  """What `models/model_*/model.json` records: enough to rebuild and use the model alone, and the
+  plan it was trained with."""
   arch = dataclasses.asdict(mcfg)
   arch["dtype"] = jnp.dtype(mcfg.dtype).name
-  return {"model": arch, "tokenizer": config.tokenizer, "n_vocab": n_vocab,
+  return {"model": arch, "plan": plan.to_json(), "tokenizer": config.tokenizer, "n_vocab": n_vocab,
           # A folder is recorded absolute: evaluate may run from another directory.
           "dataset": config.dataset if config.dataset in config_lib.HUB_DATASETS
                      else os.path.abspath(config.dataset)}
@@ -190,20 +175,46 @@ class _StopSignal:
       signal.signal(s, handler)
 
 
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands, besides its weights: what every snapshot's meta records (with the run's
+  identity) and a resume restores. The run is at batch `index` of epoch `epoch` (0-based; epoch
+  == epochs once training is done)."""
+  epoch: int = 0
+  index: int = 0
+  history: list = dataclasses.field(default_factory=list)   # per epoch: step, train/val loss
+  early_stop: "early_stop.EarlyStopState" = dataclasses.field(   # the field hides the module
+      default_factory=early_stop.EarlyStopState)
+  epoch_loss: list = dataclasses.field(default_factory=lambda: [0.0, 0])  # this epoch's (sum, n)
+  initial_val_loss: float | None = None
+
+  def to_meta(self) -> dict:
+    return {"epoch": self.epoch, "index": self.index, "history": self.history,
+            "early_stop": self.early_stop.to_json(), "epoch_loss": list(self.epoch_loss),
+            "initial_val_loss": self.initial_val_loss}
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> "Progress":
+    return cls(epoch=meta["epoch"], index=meta["index"], history=meta["history"],
+               early_stop=early_stop.EarlyStopState.from_json(meta["early_stop"]),
+               epoch_loss=list(meta["epoch_loss"]),
+               initial_val_loss=meta.get("initial_val_loss"))
+
+
 class StepReader:
   """The host side of each step, read one step late: the finite check every step, the epoch's
-  loss sum, and the monitor reports, log line and TensorBoard points when they are due."""
+  loss sum (in `progress`), and the monitor reports, log line and TensorBoard points when they
+  are due."""
 
-  def __init__(self, config, report, total_steps: int, on_nonfinite, epoch_loss=(0.0, 0),
+  def __init__(self, config, report, total_steps: int, on_nonfinite, progress: Progress,
                eval_tokens=(0, 0)):
     self.config, self.report, self.total_steps = config, report, total_steps
-    self.on_nonfinite = on_nonfinite
+    self.on_nonfinite, self.progress = on_nonfinite, progress
     # The ETA counts the evaluations still to come: each validation and the test split, at the
     # pace (seconds per token) of the last one measured.
     self.n_valid, self.n_test = eval_tokens
     self.eval_pace = 0.0
     self.tokens_per_step = config_lib.sequences_per_step(config) * config.max_seq_len
-    self.epoch_loss = list(epoch_loss)
     # {step, steps, seconds} per log interval: what gptjax.bench --loop reads. The first
     # interval of a process holds the compilation.
     self.throughput = []
@@ -214,16 +225,16 @@ class StepReader:
     self.clock_t, self.clock_step = time.time(), step
 
   def take_epoch_loss(self) -> float:
-    total, n = self.epoch_loss
-    self.epoch_loss = [0.0, 0]
+    total, n = self.progress.epoch_loss
+    self.progress.epoch_loss = [0.0, 0]
     return total / max(n, 1)
 
   def __call__(self, step: int, metrics: dict, epoch: int) -> None:
     config, report = self.config, self.report
     loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
     if finite:
-      self.epoch_loss[0] += float(loss)
-      self.epoch_loss[1] += 1
+      self.progress.epoch_loss[0] += float(loss)
+      self.progress.epoch_loss[1] += 1
     interval = config.sanity_check_interval
     if not finite or (interval and step % interval == 0):
       where = monitor.nonfinite_where(jax.device_get(metrics["sanity"]).unpack())
@@ -348,8 +359,8 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
     snapshots = checkpoint.Snapshots(snap_dir, config.keep_last_n_snapshots)
     try:
       with _StopSignal() as stop:
-        return _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
-                      snapshots, fingerprints)
+        return _train(config, run_dir, report, RunData(splits, windows, total_steps, fingerprints),
+                      resume, stop, snapshots)
     finally:
       snapshots.close()  # whatever ended the run, the saves in flight complete first
       report.close()
@@ -358,12 +369,13 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
       lock.release()
 
 
-def _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir):
-  """The lines that open a run's log: device, mesh, model, data, length."""
+def _log_run_header(report, config, plan, mcfg, enc, mesh, splits, windows, total_steps,
+                    run_dir):
+  """The lines that open a run's log: device, plan, mesh, model, data, length."""
   n_params = count_params(mcfg)
   tokens_per_step = config_lib.sequences_per_step(config) * config.max_seq_len
-  report.info(f"Device: {device_description()}; compute {jnp.dtype(mcfg.dtype).name}, "
-              f"attention {mcfg.attention or 'auto'}")
+  report.info(f"Device: {device_description()}")
+  report.info(plan.describe())
   report.info(f"Mesh: data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} over "
               f"{jax.process_count()} process(es); {config.batch_size // mesh.devices.size} "
               f"sequences per device" + (
@@ -385,6 +397,7 @@ def _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_step
 
 
 class Training(NamedTuple):
+  plan: plan_lib.Plan
   mcfg: ModelConfig
   model: GPT
   mesh: jax.sharding.Mesh
@@ -395,211 +408,260 @@ class Training(NamedTuple):
 
 def build_training(config, n_vocab: int, total_steps: int) -> Training:
   """The model, the device mesh, the run's key, the sharded initial state and the jitted train
-  step of `config`: what the loop runs (and gptjax.bench times)."""
-  mcfg = model_config(config, n_vocab)
+  step of `config`, computed as its plan (resolved here, once) says: what the loop runs (and
+  gptjax.bench times)."""
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  plan = plan_lib.resolve(config, jax.default_backend(), mesh.devices.size)
+  mcfg = plan_lib.model_config(config, n_vocab, plan)
   model = GPT(mcfg)
   schedule = optim.make_schedule(config, total_steps)
   tx = optim.make_optimizer(config, schedule)
   rng = jax.random.key(config.seed)
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch_size(config.batch_size, mesh)
   # Created in its shards: with fsdp the whole state never sits on one device.
   state, state_sharding = sharding.init_sharded(
-      lambda key: init_state(model, tx, key, config.max_seq_len), mesh, jax.random.fold_in(rng, 0))
+      lambda key: init_state(model, tx, key, config.max_seq_len),
+      lambda abstract: sharding.state_shardings(abstract, mesh, config.shard_optimizer),
+      jax.random.fold_in(rng, 0))
   sample_idx = monitor.make_sample_indices(state.params, config.weight_monitor_sample_size,
                                            config.seed)
-  train_step = make_train_step(model, tx, schedule, config, sample_idx, state_sharding)
-  return Training(mcfg, model, mesh, rng, state, train_step)
+  train_step = make_train_step(model, tx, schedule, config, sample_idx, state_sharding, mesh,
+                               plan.compiler_options())
+  return Training(plan, mcfg, model, mesh, rng, state, train_step)
 
 
-def _train(config, run_dir, report, splits, windows, total_steps, resume, stop,
-           snapshots, fingerprints) -> dict:
-  enc = data.get_tokenizer(config.tokenizer)
-  mcfg, model, mesh, rng, state, train_step = build_training(config, enc.n_vocab, total_steps)
-  if config.init_from and not resume:
-    params, how = hf.initial_params(config, state.params)
-    state = state.replace(params=params)
-    report.info(f"Initialised from {config.init_from} ({how})")
-  eval_batch = config.eval_batch_size or config.batch_size
-  sharding.check_batch_size(eval_batch, mesh, "eval_batch_size" if config.eval_batch_size
-                            else "batch_size")
-  rows, put_batch = sharding.batch_feeder(mesh, config_lib.sequences_per_step(config))
-  eval_step = make_eval_step(model)
-  sampler = generate.training_sampler(config, mcfg, enc)
-  # Whichever criterion stops the run, the final model is then the best epoch's.
-  restore_best = bool(config.early_stop_restore_best and (
-      early_stop.patience_active(config) or early_stop.overfit_active(config)))
+class RunData(NamedTuple):
+  splits: dict          # split -> token ids
+  windows: data.TrainWindows
+  total_steps: int
+  fingerprints: dict    # split -> data.fingerprint
 
-  resolved = config.to_dict()
-  model_meta = model_info(mcfg, config, enc.n_vocab)
-  # The run's identity beside its config: one id from its first start, and the data it reads.
-  run_id = resume.meta.get("run_id") if resume else None
-  run_id = run_id or uuid.uuid4().hex
-  data_meta = {"dataset": config.dataset, "fingerprints": fingerprints}
-  for path in (run_dir, snapshots.directory) if jax.process_index() == 0 else ():
-    with open(os.path.join(path, "run_config.json"), "w") as f:
-      json.dump(resolved, f, indent=2)
 
-  epoch, index, history, stopper = 0, 0, [], early_stop.EarlyStopState()
-  # A copy: the train step donates (frees) the state's own buffers.
-  best_params = jax.tree.map(jnp.copy, state.params) if restore_best and not resume else None
-  if resume:  # the target gives structure and sharding only: "best" has the params' own
-    saved = {"train": state, "best": state.params} if restore_best else {"train": state}
+def _train(config, run_dir: str, report, run_data: RunData, resume: Resume | None, stop,
+           snapshots) -> dict:
+  """The loop: the baseline validation of a new run, then per epoch its (remaining) steps and
+  the validation that ends it, then the test evaluation and the final model. A signal stops it
+  at the next step or batch, with a snapshot to resume from."""
+  run = _Run(config, run_dir, report, run_data, resume, stop, snapshots)
+  if not resume and not run.baseline():
+    report.info(f"Stopped by signal {stop.signum} before training; nothing to resume")
+    return {"status": "interrupted", "step": 0, "history": [], "signal": stop.signum}
+  while run.progress.epoch < config.epochs and not run.progress.early_stop.stopped:
+    if not (run.train_epoch() and run.end_epoch()):
+      return run.interrupted()
+  return run.finish()
+
+
+class _Run:
+  """A run between its start and its end: the state on the devices, its Progress, the best
+  weights kept for early stopping, and what touches the outside (snapshots, report, samples)."""
+
+  def __init__(self, config, run_dir: str, report, run_data: RunData, resume: Resume | None, stop,
+               snapshots):
+    self.config, self.run_dir, self.report, self.stop = config, run_dir, report, stop
+    self.snapshots, self.splits, self.windows = snapshots, run_data.splits, run_data.windows
+    enc = data.get_tokenizer(config.tokenizer)
+    (plan, mcfg, model, self.mesh, self.rng, self.state,
+     self.train_step) = build_training(config, enc.n_vocab, run_data.total_steps)
+    if config.init_from and not resume:
+      params, how = hf.initial_params(config, self.state.params)
+      self.state = self.state.replace(params=params)
+      report.info(f"Initialised from {config.init_from} ({how})")
+    self.eval_batch = config.eval_batch_size or config.batch_size
+    sharding.check_batch_size(self.eval_batch, self.mesh, "eval_batch_size"
+                              if config.eval_batch_size else "batch_size")
+    self.rows, self.put_batch = sharding.batch_feeder(self.mesh,
+                                                      config_lib.sequences_per_step(config))
+    self.eval_step = make_eval_step(model, self.mesh, plan.compiler_options())
+    self.sampler = generate.training_sampler(config, mcfg, enc)
+    # Whichever criterion stops the run, the final model is then the best epoch's.
+    self.restore_best = bool(config.early_stop_restore_best and (
+        early_stop.patience_active(config) or early_stop.overfit_active(config)))
+    self.count_nonfinite = jax.jit(monitor.nonfinite_counts)
+    # The run's identity beside its config: one id from its first start, and the data it reads.
+    self.identity = {"config": config.to_dict(),
+                     "model": model_info(mcfg, config, enc.n_vocab, plan),
+                     "run_id": (resume.meta.get("run_id") if resume else None) or uuid.uuid4().hex,
+                     "data": {"dataset": config.dataset, "fingerprints": run_data.fingerprints}}
+    for path in (run_dir, snapshots.directory) if jax.process_index() == 0 else ():
+      with open(os.path.join(path, "run_config.json"), "w") as f:
+        json.dump(self.identity["config"], f, indent=2)
+    self.progress = Progress()
+    # A copy: the train step donates (frees) the state's own buffers.
+    self.best_params = (jax.tree.map(jnp.copy, self.state.params)
+                        if self.restore_best and not resume else None)
+    if resume:
+      self._restore(resume)
+    _log_run_header(report, config, plan, mcfg, enc, self.mesh, self.splits, self.windows,
+                    run_data.total_steps, run_dir)
+    self.reader = StepReader(config, report, run_data.total_steps, self.stop_nonfinite,
+                             self.progress, (len(self.splits["valid"]), len(self.splits["test"])))
+    self.resume_hint = (f"Resume with: python -m gptjax.train --output_dir {shlex.quote(run_dir)} "
+                        "--resume --yes")
+
+  def _restore(self, resume: Resume) -> None:
+    # The target gives structure and sharding only: "best" has the params' own.
+    target = {"train": self.state, "best": self.state.params} if self.restore_best else {
+        "train": self.state}
     path = checkpoint.snapshot_path(resume.snap_dir, resume.step)
-    restored, meta = checkpoint.restore(path, saved)
+    restored, meta = checkpoint.restore(path, target)
     bad = checkpoint.nonfinite_leaves(restored)
     if bad:
       raise ConfigError(f"checkpoint_file: {path} holds non-finite values (in "
                         f"{', '.join(bad[:3])}); it is damaged: resume from an older snapshot "
                         "with --checkpoint_file")
-    state, best_params = restored["train"], restored.get("best")
-    epoch, index, history = meta["epoch"], meta["index"], meta["history"]
-    stopper = early_stop.EarlyStopState.from_json(meta["early_stop"])
-    report.info(f"Resumed from step {int(state.step)} (epoch {epoch + 1}, batch {index}) of "
-                f"{path}")
+    self.state, self.best_params = restored["train"], restored.get("best")
+    self.progress = Progress.from_meta(meta)
+    self.report.info(f"Resumed from step {int(self.state.step)} (epoch {self.progress.epoch + 1}, "
+                     f"batch {self.progress.index}) of {path}")
     for field, before, now in resume.changes:
-      report.info(f"Changed on resume: {field} {before!r} -> {now!r}")
+      self.report.info(f"Changed on resume: {field} {before!r} -> {now!r}")
 
-  _log_run_header(report, config, mcfg, enc, mesh, splits, windows, total_steps, run_dir)
-
-  def stop_nonfinite(step, where, applied):
+  def stop_nonfinite(self, step: int, where: str, applied: bool):
     """Raises NonFiniteError once the snapshots in flight are on disk (each was checked)."""
-    snapshots.wait()
-    last = snapshots.latest_step()
+    self.snapshots.wait()
+    last = self.snapshots.latest_step()
     message = (f"non-finite values at step {step + 1}: {where}; "
                + ("" if applied else "the update was not applied; ")
-               + f"last good snapshot: {snapshots.path(last) if last is not None else 'none'}. "
-               "Lower --lr, raise --warmup_steps or set --gradient_clip (e.g. 1.0)")
-    report.info(f"Training stopped: {message}")
+               + f"last good snapshot: {self.snapshots.path(last) if last is not None else 'none'}."
+               " Lower --lr, raise --warmup_steps or set --gradient_clip (e.g. 1.0)")
+    self.report.info(f"Training stopped: {message}")
     raise NonFiniteError(message)
 
-  count_nonfinite = jax.jit(monitor.nonfinite_counts)
-
-  def snapshot(val_loss=None):
+  def snapshot(self, val_loss: float | None = None) -> None:
     # The step only refuses non-finite gradients; an update that overflows the weights is
     # caught here at the latest (one pass over the weights), so no snapshot is ever non-finite.
-    bad = monitor.nonfinite_where({"loss": 0, "grads": {},
-                                   "params": jax.device_get(count_nonfinite(state.params))})
-    step = int(state.step)
+    bad = monitor.nonfinite_where({"loss": 0, "grads": {}, "params": jax.device_get(
+        self.count_nonfinite(self.state.params))})
+    step = int(self.state.step)
     if bad:
-      stop_nonfinite(step - 1, bad, applied=True)
-    meta = {"step": step, "epoch": epoch, "index": index, "history": history,
-            "time": reporting.timestamp(), "val_loss": val_loss, "early_stop": stopper.to_json(),
-            "initial_val_loss": initial_val_loss, "epoch_loss": reader.epoch_loss,
-            "config": resolved, "model": model_meta, "run_id": run_id, "data": data_meta}
-    snapshots.save(step, {"train": state, "best": best_params} if restore_best
-                   else {"train": state}, meta)
+      self.stop_nonfinite(step - 1, bad, applied=True)
+    meta = {"step": step, "time": reporting.timestamp(), "val_loss": val_loss,
+            **self.progress.to_meta(), **self.identity}
+    self.snapshots.save(step, {"train": self.state, "best": self.best_params}
+                        if self.restore_best else {"train": self.state}, meta)
 
-  # (sum, count) of this epoch's training losses so far: a resumed epoch reports the same mean.
-  reader = StepReader(config, report, total_steps, stop_nonfinite,
-                      meta["epoch_loss"] if resume else (0.0, 0),
-                      (len(splits["valid"]), len(splits["test"])))
-
-  def measure(params, split: str) -> float | None:
+  def measure(self, params, split: str) -> float | None:
     """The split's loss, None if a signal stopped it; its pace feeds the ETA."""
     start = time.time()
-    loss = evaluate.mean_loss(eval_step, params, splits[split], config.max_seq_len, eval_batch,
-                             mesh, stop, desc=f"eval {split}")
-    reader.eval_pace = (time.time() - start) / len(splits[split])
+    loss = evaluate.mean_loss(self.eval_step, params, self.splits[split], self.config.max_seq_len,
+                              self.eval_batch, self.mesh, self.stop, desc=f"eval {split}")
+    self.reader.eval_pace = (time.time() - start) / len(self.splits[split])
     return loss
 
-  if not resume:  # the baseline every later validation is compared with, as nanoGPT's iter 0
-    initial_val_loss = measure(state.params, "valid")
-    if initial_val_loss is None:
-      report.info(f"Stopped by signal {stop.signum} before training; nothing to resume")
-      return {"status": "interrupted", "step": 0, "history": [], "signal": stop.signum}
-    report.info(f"Before training | val loss {initial_val_loss:.4f} | "
-                f"val ppl {math.exp(initial_val_loss):.2f}")
-    report.scalars(0, {"val/loss": initial_val_loss, "val/perplexity": math.exp(initial_val_loss)})
-  else:
-    initial_val_loss = meta.get("initial_val_loss")
+  def baseline(self) -> bool:
+    """A new run's validation before training, as nanoGPT's iter 0: what every later one is
+    compared with. False if a signal stopped it."""
+    loss = self.measure(self.state.params, "valid")
+    if loss is None:
+      return False
+    self.progress.initial_val_loss = loss
+    self.report.info(f"Before training | val loss {loss:.4f} | val ppl {math.exp(loss):.2f}")
+    self.report.scalars(0, {"val/loss": loss, "val/perplexity": math.exp(loss)})
+    return True
 
-  status = "completed"
-  while epoch < config.epochs and not stopper.stopped and status == "completed":
+  def train_epoch(self) -> bool:
+    """The current epoch's remaining steps, a snapshot every snapshot_interval; False if a signal
+    stopped them (with a snapshot)."""
+    config, progress, reader, report = self.config, self.progress, self.reader, self.report
+    steps_per_epoch = self.windows.steps_per_epoch
     # tok/s counts training steps only, not the evaluation and snapshot before this epoch.
-    reader.restart_clock(int(state.step))
-    report.start_epoch(epoch + 1, windows.steps_per_epoch, index)
-    batches = data.prefetch(windows.epoch(epoch, index, rows), put_batch)
-    pending = None
+    reader.restart_clock(int(self.state.step))
+    report.start_epoch(progress.epoch + 1, steps_per_epoch, progress.index)
+    batches = data.prefetch(self.windows.epoch(progress.epoch, progress.index, self.rows),
+                            self.put_batch)
+    pending, stopped = None, False
     for batch in batches:
-      step = int(state.step) if pending is None else pending[0] + 1
-      state, metrics = train_step(state, batch, rng)
-      snapshots.check()  # a save that failed in the background stops the run now
+      step = int(self.state.step) if pending is None else pending[0] + 1
+      self.state, metrics = self.train_step(self.state, batch, self.rng)
+      self.snapshots.check()  # a save that failed in the background stops the run now
       if pending:
-        reader(*pending, epoch)
+        reader(*pending, progress.epoch)
       pending = (step, metrics)
-      index += 1
+      progress.index += 1
       report.progress()
       at_interval = config.snapshot_interval and (step + 1) % config.snapshot_interval == 0
-      if stop.signum or (at_interval and index < windows.steps_per_epoch):
-        reader(*pending, epoch)
+      if self.stop.signum or (at_interval and progress.index < steps_per_epoch):
+        reader(*pending, progress.epoch)
         pending = None
-        snapshot()
-        if stop.signum:
-          status = "interrupted"
+        self.snapshot()
+        if self.stop.signum:
+          stopped = True
           break
     if pending:
-      reader(*pending, epoch)
+      reader(*pending, progress.epoch)
     report.end_epoch()
-    if status != "completed":
-      break
-    val_loss = measure(state.params, "valid")
-    if val_loss is None:  # the epoch's steps are done: the snapshot resumes at its validation
-      snapshot()
-      status = "interrupted"
-      break
-    train_loss = reader.take_epoch_loss()
-    step = int(state.step)
-    stopper, improved = early_stop.update(stopper, config, epoch + 1, val_loss, train_loss)
-    if improved and restore_best:
-      best_params = jax.tree.map(jnp.copy, state.params)
-    history.append({"epoch": epoch + 1, "step": step, "train_loss": train_loss,
-                    "val_loss": val_loss})
-    report.info(f"Epoch {epoch + 1}/{config.epochs} | train loss {train_loss:.4f} | "
+    return not stopped
+
+  def end_epoch(self) -> bool:
+    """The epoch's validation, early-stopping decision, samples and snapshot; False if a signal
+    stopped the validation (the snapshot then resumes at it)."""
+    config, progress, report = self.config, self.progress, self.report
+    val_loss = self.measure(self.state.params, "valid")
+    if val_loss is None:
+      self.snapshot()
+      return False
+    train_loss = self.reader.take_epoch_loss()
+    step = int(self.state.step)
+    progress.early_stop, improved = early_stop.update(progress.early_stop, config,
+                                                      progress.epoch + 1, val_loss, train_loss)
+    if improved and self.restore_best:
+      self.best_params = jax.tree.map(jnp.copy, self.state.params)
+    progress.history.append({"epoch": progress.epoch + 1, "step": step,
+                             "train_loss": train_loss, "val_loss": val_loss})
+    report.info(f"Epoch {progress.epoch + 1}/{config.epochs} | train loss {train_loss:.4f} | "
                 f"val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
                 + (" (best)" if improved else ""))
     report.scalars(step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
-    for i, (prompt, text) in enumerate(sampler(state.params) if sampler else [], 1):
+    for i, (prompt, text) in enumerate(self.sampler(self.state.params) if self.sampler else [], 1):
       report.info(f"Sample {i} | {prompt + text!r}")
       report.text(step, f"samples/{i}", prompt + text)
-    epoch, index = epoch + 1, 0
-    snapshot(val_loss)
-    if stopper.stopped:
-      report.info(f"Early stopping after epoch {epoch}: {stopper.reason}")
-      break
+    progress.epoch, progress.index = progress.epoch + 1, 0
+    self.snapshot(val_loss)
+    if progress.early_stop.stopped:
+      report.info(f"Early stopping after epoch {progress.epoch}: {progress.early_stop.reason}")
+    return True
 
-  snapshots.wait()
-  snapshots.check()
-  step = int(state.step)
-  resume_hint = (f"Resume with: python -m gptjax.train --output_dir {shlex.quote(run_dir)} "
-                 "--resume --yes")
-  if status == "interrupted":
-    report.info(f"Stopped by signal {stop.signum} at step {step}; snapshot saved to "
-                f"{snapshots.path(step)}. {resume_hint}")
-    return {"status": status, "step": step, "history": history,
-            "signal": stop.signum}
+  def interrupted(self) -> dict:
+    self.snapshots.wait()
+    self.snapshots.check()
+    step = int(self.state.step)
+    self.report.info(f"Stopped by signal {self.stop.signum} at step {step}; snapshot saved to "
+                     f"{self.snapshots.path(step)}. {self.resume_hint}")
+    return {"status": "interrupted", "step": step, "history": self.progress.history,
+            "signal": self.stop.signum}
 
-  final_params = state.params
-  if restore_best and stopper.best_epoch >= 1 and stopper.best_epoch != epoch:
-    final_params = best_params
-    report.info(f"Restored the best weights: epoch {stopper.best_epoch} "
-                f"(val loss {stopper.best_val_loss:.4f})")
-  test_loss = measure(final_params, "test")
-  if test_loss is None:  # the last epoch's snapshot is on disk: a resume finishes the run
-    report.info(f"Stopped by signal {stop.signum} during the test evaluation, before the final "
-                f"model. {resume_hint}")
-    return {"status": "interrupted", "step": step, "history": history, "signal": stop.signum}
-  report.info(f"Test loss {test_loss:.4f} | test ppl {math.exp(test_loss):.2f}")
-  report.scalars(step, {"test/loss": test_loss, "test/perplexity": math.exp(test_loss)})
-  info = dict(model_meta, step=step, epochs=epoch, history=history, test_loss=test_loss,
-              config=resolved, run_id=run_id, data=data_meta)
-  model_path = checkpoint.save_model(os.path.join(run_dir, "models"), f"model_{report.stamp}",
-                                     final_params, info)
-  report.info(f"Final model saved to {model_path}")
-  snapshots.close()
-  if config.delete_snapshots_after_training:
-    shutil.rmtree(snapshots.directory, ignore_errors=True)
-    report.info("Snapshots deleted (keep them with --no_delete_snapshots_after_training)")
-  return {"status": status, "step": step, "history": history,
-          "throughput": reader.throughput, "initial_val_loss": initial_val_loss,
-          "test_loss": test_loss, "model_path": model_path, "params": final_params}
+  def finish(self) -> dict:
+    """The test evaluation of the final weights (the best epoch's where early stopping restores
+    them), the final model, and the snapshots' removal."""
+    config, progress, report, snapshots = self.config, self.progress, self.report, self.snapshots
+    snapshots.wait()
+    snapshots.check()
+    step, best = int(self.state.step), progress.early_stop
+    final_params = self.state.params
+    if self.restore_best and best.best_epoch >= 1 and best.best_epoch != progress.epoch:
+      final_params = self.best_params
+      report.info(f"Restored the best weights: epoch {best.best_epoch} "
+                  f"(val loss {best.best_val_loss:.4f})")
+    test_loss = self.measure(final_params, "test")
+    if test_loss is None:  # the last epoch's snapshot is on disk: a resume finishes the run
+      report.info(f"Stopped by signal {self.stop.signum} during the test evaluation, before the "
+                  f"final model. {self.resume_hint}")
+      return {"status": "interrupted", "step": step, "history": progress.history,
+              "signal": self.stop.signum}
+    report.info(f"Test loss {test_loss:.4f} | test ppl {math.exp(test_loss):.2f}")
+    report.scalars(step, {"test/loss": test_loss, "test/perplexity": math.exp(test_loss)})
+    info = dict(self.identity["model"], step=step, epochs=progress.epoch,
+                history=progress.history, test_loss=test_loss, config=self.identity["config"],
+                run_id=self.identity["run_id"], data=self.identity["data"])
+    model_path = checkpoint.save_model(os.path.join(self.run_dir, "models"),
+                                       f"model_{report.stamp}", final_params, info)
+    report.info(f"Final model saved to {model_path}")
+    snapshots.close()
+    if config.delete_snapshots_after_training:
+      shutil.rmtree(snapshots.directory, ignore_errors=True)
+      report.info("Snapshots deleted (keep them with --no_delete_snapshots_after_training)")
+    return {"status": "completed", "step": step, "history": progress.history,
+            "throughput": self.reader.throughput,
+            "initial_val_loss": progress.initial_val_loss, "test_loss": test_loss,
+            "model_path": model_path, "params": final_params}

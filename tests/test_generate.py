@@ -2,13 +2,14 @@
 model, filtering that stays inside its sets, reproducible seeds, the CLI. (The samples a training
 run logs are checked in test_evaluate, which trains.)"""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, generate, trainer
-from gptjax import model as model_lib
+from gptjax import checkpoint, generate, plan, trainer
 from gptjax.config import ConfigError, base_config
 from gptjax.model import GPT, ModelConfig, init_cache
 
@@ -29,18 +30,18 @@ def test_decode_mode_has_the_same_parameters():
   assert plain["params"] == decode["params"]  # same tree, shapes and dtypes
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["one_qkv_matmul", "three_qkv_matmuls"])
-def test_cached_decoding_equals_full_forward_at_every_position(separate, monkeypatch):
-  # Against the full forward with one q/k/v matmul; decoding also on the one-GPU path, whose
-  # cache holds k and v without their biases (gptjax.model.QKVDense). Biases not 0, as at init.
+@pytest.mark.parametrize("fused", [False, True], ids=["block", "fused_block"])
+def test_cached_decoding_equals_full_forward_at_every_position(fused):
+  # Against the plain block's full forward; decoding also with the fused block, whose cache holds
+  # k and v without their biases (gptjax.model.QKVDense). Biases not 0, as at init.
   leaves, treedef = jax.tree.flatten(_params())
   params = treedef.unflatten([p + 0.1 * jax.random.normal(jax.random.key(i), p.shape)
                               for i, p in enumerate(leaves)])
   tokens = jax.random.randint(jax.random.key(1), (2, SMALL.max_seq_len), 0, SMALL.vocab_size)
   full = jax.jit(GPT(SMALL).apply)({"params": params}, tokens)
-  monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
-  step = jax.jit(generate.model_tokens_to_logits(SMALL, params, SMALL.vocab_size))
-  cache, pieces, start = init_cache(SMALL, 2), [], 0
+  decoder = dataclasses.replace(SMALL, fused_block=fused)
+  step = jax.jit(generate.model_tokens_to_logits(decoder, params, SMALL.vocab_size))
+  cache, pieces, start = init_cache(decoder, 2), [], 0
   for size in (5, 1, 1, 3, 1, 5):  # a prefill, single tokens, and chunks written mid-cache
     logits, cache = step(tokens[:, start:start + size], cache)
     pieces.append(logits)
@@ -146,7 +147,8 @@ def saved_model(tmp_path_factory, corpus):
   run_config = base_config()
   run_config.dataset = corpus
   return checkpoint.save_model(str(tmp_path_factory.mktemp("models")), "model_X",
-                               _params(config), trainer.model_info(config, run_config, 50257))
+                               _params(config), trainer.model_info(
+                                   config, run_config, 50257, plan.resolve(run_config, "cpu", 1)))
 
 
 def test_cli_prints_samples_and_speed(saved_model, capsys):

@@ -3,6 +3,7 @@ itself: a tiny randomly initialised GPT2LMHeadModel saved by transformers starts
 validation loss is transformers' on the same windows; that run's model, exported, is a
 GPT2LMHeadModel with gptjax's logits and an AutoTokenizer with tiktoken's ids. Offline: nothing
 is downloaded."""
+import dataclasses
 import json
 import os
 
@@ -15,7 +16,7 @@ torch = pytest.importorskip("torch", reason="the hf extra (pip install -e '.[hf]
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 pytest.importorskip("safetensors", reason="the hf extra is not installed")
 
-from gptjax import checkpoint, data, export, hf, train, trainer
+from gptjax import checkpoint, data, export, hf, plan, train, trainer
 from gptjax import model as model_lib
 from gptjax.config import ConfigError, base_config
 from gptjax.checkpoint import load_model
@@ -109,11 +110,9 @@ def test_init_from_a_gpt2_folder_starts_at_transformers_loss(run):
   assert result["history"][0]["val_loss"] < result["initial_val_loss"]
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["one_qkv_matmul", "three_qkv_matmuls"])
-def test_export_gives_transformers_gptjaxs_logits_and_tokenizer(run, tmp_path, capsys,
-                                                                monkeypatch, separate):
-  # The three matmuls (one GPU) leave k's and v's biases out of q/k/v; the export holds them.
-  monkeypatch.setattr(model_lib, "separate_qkv_matmuls", lambda: separate)
+@pytest.mark.parametrize("fused", [False, True], ids=["block", "fused_block"])
+def test_export_gives_transformers_gptjaxs_logits_and_tokenizer(run, tmp_path, capsys, fused):
+  # The fused block leaves k's and v's biases out of its q/k/v matmuls; the export holds them.
   config, result, _ = run
   out = str(tmp_path / "hf")
   assert export.main(["export", "--model", result["model_path"], "--to", "hf", out]) == 0
@@ -123,6 +122,7 @@ def test_export_gives_transformers_gptjaxs_logits_and_tokenizer(run, tmp_path, c
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
 
   mcfg, params, _ = load_model(result["model_path"])
+  mcfg = dataclasses.replace(mcfg, fused_block=fused)
   with open(os.path.join(config.dataset, "test.txt")) as f:
     text = f.read()[:4000]
   ids = data.get_tokenizer("gpt2").encode_ordinary(text)
@@ -160,7 +160,7 @@ def test_gpt2s_epsilon_and_pytorch_model_bin(tmp_path, make_tiny_config):
                                         r"layer_norm_epsilon=1e-06; give --layer_norm_epsilon"):
     hf.check_init_from(config)
   config.layer_norm_epsilon = 1e-5
-  mcfg = trainer.model_config(config, 50257)
+  mcfg = plan.model_config(config, 50257, plan.resolve(config, "cpu", 1))
   target = GPT(mcfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   from_st, _ = hf.initial_params(config, target)
   config.init_from = pt
@@ -175,7 +175,8 @@ def test_gpt4_export_says_the_tokenizer_is_not_exported(tmp_path, capsys):
   config = base_config()
   config.tokenizer = "gpt4"
   path = checkpoint.save_model(str(tmp_path / "models"), "model_x", params,
-                               trainer.model_info(mcfg, config, 100277))
+                               trainer.model_info(mcfg, config, 100277,
+                                                  plan.resolve(config, "cpu", 1)))
   out = str(tmp_path / "hf")
   export.main(["export", "--model", path, "--to", "hf", out])
   printed = capsys.readouterr().out.splitlines()

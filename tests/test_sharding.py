@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, read_tensorboard_scalars
-from gptjax import sharding, xla_flags
+from gptjax import sharding
 from gptjax.config import ConfigError, base_config
 
 # 2 epochs of 15 steps of 4 sequences of 16 tokens (~1K training tokens, ~600 and ~750 to
@@ -85,18 +85,19 @@ def _reductions_job() -> dict:
           "sanity": jax.tree.map(int, out["sanity"])}
 
 
-def _state_specs_job() -> dict:
-  """The layout of the whole train state under fsdp=4, derived from shapes alone (no compile)."""
+def _state_specs_job(shard_optimizer: bool = False) -> dict:
+  """The layout of the whole train state under fsdp=4 (or, with shard_optimizer, data
+  parallelism with ZeRO-1), derived from shapes alone (no compile)."""
   from gptjax import optim
   from gptjax.model import GPT, ModelConfig
   from gptjax.step import init_state
   config = base_config()
-  config.mesh_fsdp = 4
+  config.mesh_fsdp = 1 if shard_optimizer else 4
   model = GPT(ModelConfig(vocab_size=128, d_model=32, num_heads=2, num_layers=2, d_ff=64,
                           max_seq_len=16))
   tx = optim.make_optimizer(config, optim.make_schedule(config, 10))
   abstract = jax.eval_shape(lambda key: init_state(model, tx, key, 16), jax.random.key(0))
-  shardings = sharding.tree_shardings(abstract, sharding.make_mesh(config))
+  shardings = sharding.state_shardings(abstract, sharding.make_mesh(config), shard_optimizer)
   return {jax.tree_util.keystr(p): str(s.spec)
           for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
 
@@ -107,6 +108,52 @@ def _load_job(path: str) -> dict:
   return {"checksum": _checksum(params)}
 
 
+def _kernels_job() -> dict:
+  """The fused block with every Pallas kernel (LayerNorm, GELU backward, loss; in Pallas'
+  interpreter), on a (data 2, fsdp 2) mesh with its weights sharded, against the plain block: the
+  training loss and gradients, and evaluation's per-token losses."""
+  import dataclasses
+  from jax.sharding import NamedSharding
+  from gptjax import kernels, step
+  from gptjax.model import GPT, ModelConfig
+  kernels.DEFER_BLOCK = 64   # rows of 256 logits in 4 blocks
+  config = base_config()
+  config.mesh_fsdp = 2
+  mesh = sharding.make_mesh(config)
+  plain = ModelConfig(vocab_size=256, d_model=48, num_heads=2, num_layers=2, d_ff=96,
+                      max_seq_len=16, dropout=0.0)
+  fused = dataclasses.replace(plain, fused_block=True, layer_norm_kernel=True, gelu_kernel=True,
+                              loss_kernel=True)
+  tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
+  params = GPT(plain).init(jax.random.key(0), tokens[:, :-1])["params"]
+  leaves, treedef = jax.tree.flatten(params)
+  params = treedef.unflatten([p + 0.1 * jax.random.normal(jax.random.key(i), p.shape)
+                              for i, p in enumerate(leaves)])
+  params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+  tokens = jax.device_put(tokens, NamedSharding(mesh, sharding.BATCH_SPEC))
+
+  def loss_grads_losses(cfg):
+    def f(params, tokens):
+      model = GPT(cfg)
+      loss = lambda p: step.train_loss(model, p, tokens[:, :-1], tokens[:, 1:])
+      return (*jax.value_and_grad(loss)(params),
+              step.token_losses(model, params, tokens[:, :-1], tokens[:, 1:]))
+    f = step.on_mesh(f, mesh)
+    return jax.jit(f)(params, tokens), str(jax.make_jaxpr(f)(params, tokens))
+
+  (ref, _), (got, jaxpr) = loss_grads_losses(plain), loss_grads_losses(fused)
+  d = plain.d_model
+  for g in (ref[1], got[1]):   # k's bias: left out by the fused block (see test_model)
+    for i in range(plain.num_layers):
+      qkv = g[f"block_{i}"]["attn"]["qkv"]
+      qkv["bias"] = qkv["bias"].at[d:2 * d].set(0)
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-12))
+  return {"loss": [float(got[0]), float(ref[0])],
+          "grads_rel": max(jax.tree.leaves(jax.tree.map(rel, got[1], ref[1]))),
+          "token_losses_rel": rel(got[2], ref[2]),
+          "shard_maps": jaxpr.count("shard_map["), "pallas_calls": jaxpr.count("pallas_call[")}
+
+
 def _driver(jobs: list) -> None:
   first = jobs[0].get("config", {})
   if first.get("coordinator_address"):
@@ -115,7 +162,8 @@ def _driver(jobs: list) -> None:
     sharding.initialize_distributed(config)
   kinds = {"train": lambda job: _train_job(job["config"]),
            "reductions": lambda job: _reductions_job(),
-           "state_specs": lambda job: _state_specs_job(),
+           "state_specs": lambda job: _state_specs_job(job.get("shard_optimizer", False)),
+           "kernels": lambda job: _kernels_job(),
            "load": lambda job: _load_job(job["path"])}
   results = [kinds[job["kind"]](job) for job in jobs]
   print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
@@ -170,7 +218,9 @@ def runs(corpus, tmp_path_factory):
   port = _free_port()
   wave1 = {
       "four": _launch([run("dp4"), run("fsdp4", mesh_fsdp=4), run("bad", batch_size=6),
-                       {"kind": "reductions"}, {"kind": "state_specs"}], 4, cache),
+                       {"kind": "reductions"}, {"kind": "state_specs"}, {"kind": "kernels"},
+                       run("zero4", shard_optimizer=True),
+                       {"kind": "state_specs", "shard_optimizer": True}], 4, cache),
       "pair": [_launch([run("two_procs", coordinator_address=f"localhost:{port}",
                             num_processes=2, process_id=i)], 2, cache) for i in (0, 1)]}
   out = {"four": _results(wave1["four"]), "pair": [_results(p) for p in wave1["pair"]]}
@@ -250,6 +300,22 @@ def test_optimizer_state_is_sharded_like_its_parameter(runs):
   assert specs[".step"] == "P()"
 
 
+def test_zero1_shards_the_optimizer_state_only_and_trains_as_data_parallel(runs):
+  # ZeRO-1 on 4 devices: the same run as plain data parallelism, with AdamW's moments split 4
+  # ways along their largest axis that 4 divides and the parameters whole on every device.
+  four = runs["four"]["results"]
+  _assert_same_run(four[6], four[0])
+  specs = four[7]
+  for name, spec in (("['wte']['embedding']", "P(('data', 'fsdp'), None)"),
+                     ("['block_1']['mlp']['fc']['kernel']", "P(None, ('data', 'fsdp'))"),
+                     ("['ln_f']['scale']", "P()")):
+    got = {k: v for k, v in specs.items() if k.endswith(name)}
+    params = {k: v for k, v in got.items() if k.startswith(".params")}
+    assert list(params.values()) == ["P()"], got   # whole on every device
+    assert sorted(v for k, v in got.items() if k not in params) == [spec, spec], got  # mu, nu
+  assert all(s == "P()" for s in four[6]["specs"].values())   # the final parameters
+
+
 def test_norms_and_nonfinite_counts_over_shards_are_global(runs):
   r = runs["four"]["results"][3]
   assert r["specs"].count("P()") == 1   # the bias; both matrices are split 4 ways
@@ -258,6 +324,16 @@ def test_norms_and_nonfinite_counts_over_shards_are_global(runs):
     assert abs(r["layer"][layer] - value) < 1e-5 * value
   assert r["sanity"] == {"loss": 1, "grads": {"wte": 3, "block_0/mlp": 1},
                          "params": {"wte": 3, "block_0/mlp": 1}}
+
+
+def test_kernels_run_per_shard_and_equal_xla_on_4_devices(runs):
+  # Data 2 x fsdp 2: every Pallas kernel runs on its device's rows under shard_map (LayerNorm
+  # forward and backward in 5 places, the GELU backward in 2 blocks, the loss, evaluation's
+  # logsumexp), with the same loss, gradients and per-token losses as the plain block in XLA.
+  got = runs["four"]["results"][5]
+  assert abs(got["loss"][0] - got["loss"][1]) <= 1e-5 * abs(got["loss"][1])
+  assert got["grads_rel"] < 1e-4 and got["token_losses_rel"] < 1e-5
+  assert got["pallas_calls"] >= 5 + 5 + 2 + 1 + 1 and got["shard_maps"] >= got["pallas_calls"]
 
 
 def test_snapshot_from_4_devices_resumes_on_2_and_1(runs):
@@ -315,28 +391,6 @@ def test_single_process_leaves_distributed_alone(monkeypatch):
   for var in ("SLURM_PROCID", "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(var, raising=False)
   assert not sharding.initialize_distributed(base_config())
-
-
-def test_xla_flags_by_gpu_count_and_the_users_own_win(monkeypatch):
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert xla_flags.visible_gpu_count() == 0 and xla_flags.set_defaults() == []
-  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
-
-  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-  added = xla_flags.set_defaults(gpus=1)
-  assert added == ["--xla_gpu_enable_cublaslt=true", "--xla_disable_hlo_passes=dot-merger"]
-  assert os.environ["XLA_FLAGS"].split() == ["--xla_gpu_enable_triton_gemm=true",
-                                              "--xla_gpu_enable_cublaslt=true",
-                                              "--xla_disable_hlo_passes=dot-merger"]
-  assert xla_flags.dot_merger_off()
-  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=foo")   # the user's own list wins
-  assert xla_flags.set_defaults(gpus=1) == list(xla_flags.GPU_XLA_FLAGS)
-  assert not xla_flags.dot_merger_off()
-  monkeypatch.delenv("XLA_FLAGS")
-  added = xla_flags.set_defaults(gpus=2)
-  assert added == list(xla_flags.GPU_XLA_FLAGS + xla_flags.MULTI_GPU_XLA_FLAGS)
-  assert xla_flags.set_defaults(gpus=2) == []  # nothing twice
 
 
 if __name__ == "__main__":
