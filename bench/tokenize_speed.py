@@ -5,7 +5,9 @@
 
 The first form tokenizes the same text (gptjax's WikiText-2 sample, gptjax/assets/sample/train.txt,
 repeated to --mb MB) into a fresh token cache with `data.load_tokens`, on one thread and on every
-core, and prints tokens/s and MB/s of each, best of --repeats, and their ratio. It also times
+core, and prints tokens/s and MB/s of each, best of --repeats (run in turn, so that a neighbour's
+load falls on each alike), their ratio, and the cores each run kept busy (its CPU time over its
+wall time: below the thread count, something else had the machine). It also times
 the loop the cache was written with before issue 24 (one thread, `encode_ordinary` on each piece
 of 2048 lines, ids through a Python list), on the same pieces; that loop's loading through HF
 `datasets` is left out of its time.
@@ -72,31 +74,41 @@ def speed(mb: float, repeats: int) -> dict:
     _write_corpus(corpus, int(mb * 1e6))
     path = os.path.join(corpus, "train.txt")
     n_bytes = os.path.getsize(path)
-    rows = {}
-    for name, threads in (("before issue 24 (1 thread)", None), ("1 thread", 1),
-                          (f"{cores} threads", cores)):
-      times = []
-      for r in range(repeats):
+    configs = (("before issue 24 (1 thread)", None), ("1 thread", 1), (f"{cores} threads", cores))
+    runs = {name: [] for name, _ in configs}
+    load_before = os.getloadavg()[0]
+    for r in range(repeats):  # interleaved: a neighbour's load falls on every config alike
+      for name, threads in configs:
         cache = os.path.join(work, f"cache-{threads}-{r}")
-        start = time.perf_counter()
+        used, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         if threads is None:
           n_tokens, _ = _before_issue_24(path)
         else:
           n_tokens = len(data.load_tokens(corpus, "train", "gpt2", cache_dir=cache,
                                           log=lambda m: None, threads=threads))
-        times.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        cpu = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)) - _cpu_seconds(used)
+        runs[name].append((seconds, cpu / seconds, n_tokens))
         shutil.rmtree(cache, ignore_errors=True)
-      best = min(times)
-      rows[name] = {"threads": threads or 1, "seconds": times, "tokens": n_tokens,
-                    "tokens_per_s": n_tokens / best, "mb_per_s": n_bytes / 1e6 / best,
-                    "median_tokens_per_s": n_tokens / statistics.median(times)}
+    rows = {}
+    for name, threads in configs:
+      seconds, cores_used, n_tokens = min(runs[name])
+      rows[name] = {"threads": threads or 1, "seconds": [round(r[0], 3) for r in runs[name]],
+                    "cores_used": [round(r[1], 2) for r in runs[name]], "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / seconds, "mb_per_s": n_bytes / 1e6 / seconds,
+                    "median_tokens_per_s": n_tokens / statistics.median(r[0] for r in runs[name])}
     one, all_cores = rows["1 thread"], rows[f"{cores} threads"]
     return {"text_mb": n_bytes / 1e6, "cores": cores, "rows": rows,
+            "load_average_before_after": [load_before, os.getloadavg()[0]],
             "speedup_all_cores_vs_1_thread": all_cores["tokens_per_s"] / one["tokens_per_s"],
             "speedup_all_cores_vs_before": (all_cores["tokens_per_s"]
                                             / rows["before issue 24 (1 thread)"]["tokens_per_s"])}
   finally:
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_seconds(usage) -> float:
+  return usage.ru_utime + usage.ru_stime
 
 
 def _rss_mb(pid: int) -> float:
@@ -159,7 +171,8 @@ def main() -> None:
     result = speed(args.mb, args.repeats)
     for name, row in result["rows"].items():
       print(f"{name:>28}: {row['tokens_per_s']:>12,.0f} tokens/s  {row['mb_per_s']:6.1f} MB/s  "
-            f"({', '.join(f'{s:.2f}' for s in row['seconds'])} s)")
+            f"({', '.join(f'{s:.2f}' for s in row['seconds'])} s; cores busy "
+            f"{', '.join(f'{c:.2f}' for c in row['cores_used'])})")
     print(f"every core ({result['cores']}) / 1 thread: {result['speedup_all_cores_vs_1_thread']:.2f}x"
           f"; / before issue 24: {result['speedup_all_cores_vs_before']:.2f}x")
   print(json.dumps(result, indent=1))

@@ -101,11 +101,10 @@ def check_sources(dataset: str, tokenizer: str, cache_dir: str = "", max_samples
   check_cache_dir(cache_dir)
 
 
-def cache_key(dataset: str, split: str, tokenizer: str, max_samples: int, text_column: str = "text",
-              hf_splits: str = FIELDS["hf_splits"][0], held_out_fraction: float = 0.0) -> str:
+def cache_key(dataset: str, split: str, tokenizer: str, max_samples: int, **options) -> str:
   """The name of a split's cache folder: the dataset's name, split, tokenizer, max_samples, and a
   hash of sources.split_identity (a local file's path, size and modification time)."""
-  identity = sources.split_identity(dataset, split, text_column, hf_splits, held_out_fraction)
+  identity = sources.split_identity(dataset, split, **{**source_options({}), **options})
   digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
   limit = max_samples if split == "train" else 0
   return f"{dataset_name(dataset)}-{split}-{tokenizer}-n{limit}-{digest}"
@@ -239,7 +238,8 @@ def load_tokens(dataset: str, split: str, tokenizer: str, max_samples: int = 0,
       return tokens
     except DamagedCache as e:
       log(f"token cache {e.path} is damaged ({e}); rebuilding")
-      os.remove(os.path.join(folder, _META))
+      with contextlib.suppress(FileNotFoundError):  # another process rebuilding it too
+        os.remove(os.path.join(folder, _META))
   check_cache_dir(cache_dir, create=True)
   source = sources.open_split(dataset, split, hf_cache_dir=os.path.join(
       cache_dir or default_cache_dir(), "hf"), **options)
@@ -365,8 +365,9 @@ def _cores() -> int:
 
 def _resume_point(folder: str, dtype, n_vocab: int, tokenizer: str):
   """(the metas of the shards a preparation keeps, the running sha256 of their ids): the
-  complete, undamaged shards from the first on; the first that is not, and every shard after it,
-  are removed."""
+  complete, undamaged shards from the first on. The first that is not, and the ones after it,
+  are written anew (renamed over: another process preparing the same split into the same
+  folder writes the same bytes)."""
   split_digest, kept = hashlib.sha256(), []
   while os.path.exists(_shard_paths(folder, len(kept))[1]):
     candidate = split_digest.copy()
@@ -376,10 +377,6 @@ def _resume_point(folder: str, dtype, n_vocab: int, tokenizer: str):
       break
     split_digest = candidate
     kept.append(meta)
-  for name in os.listdir(folder):
-    stem, ext = os.path.splitext(name)
-    if ext in (".bin", ".json") and stem.isdigit() and int(stem) >= len(kept):
-      os.remove(os.path.join(folder, name))
   return kept, split_digest
 
 
