@@ -402,6 +402,34 @@ def hlo_op_names(hlo_text: str) -> dict:
   return names
 
 
+def _merged(intervals) -> list:
+  """(start, end) intervals merged into disjoint ones, in order."""
+  merged = []
+  for start, end in sorted(intervals):
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  return merged
+
+
+def hidden_time(collectives, compute) -> tuple[float, float]:
+  """(time with a collective running, the part of it during which a compute kernel ran too) on
+  one device, from (start, end) intervals of its collective and compute kernels (any stream):
+  how much of the communication the schedule hides behind the backward pass."""
+  busy, hidden = 0.0, 0.0
+  other, j = _merged(compute), 0
+  for start, end in _merged(collectives):
+    busy += end - start
+    while j < len(other) and other[j][1] <= start:
+      j += 1
+    k = j
+    while k < len(other) and other[k][0] < end:
+      hidden += min(end, other[k][1]) - max(start, other[k][0])
+      k += 1
+  return busy, hidden
+
+
 def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
   """Per-step device time by kernel, by category and by part of the model, from a
   jax.profiler trace (xplane.pb) and the program's `hlo_op_names`. Library calls (cuBLAS,
@@ -414,19 +442,26 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
     planes = [p for p in data.planes if p.name.startswith("/host:CPU")]
   kernels = {}
   lines = {}
+  collective_ns = [0.0, 0.0]   # summed over the devices: busy, hidden behind compute
   for plane in planes:
+    intervals = {True: [], False: []}   # collective or not -> (start, end) of its kernels
     for line in plane.lines:
       events = list(line.events)
       lines[f"{plane.name}/{line.name}"] = (len(events), sum(e.duration_ns for e in events))
       if on_gpu and not line.name.startswith("Stream"):
         continue
       for e in events:
+        intervals[_category(e.name) == "collectives (NCCL)"].append(
+            (e.start_ns, e.start_ns + e.duration_ns))
         stats = dict(e.stats)
         if not on_gpu and "hlo_op" not in stats:
           continue
         key = (e.name, str(stats.get("hlo_op", "")))
         count, total = kernels.get(key, (0, 0.0))
         kernels[key] = (count + 1, total + e.duration_ns)
+    if intervals[True]:
+      collective_ns = [a + b for a, b in zip(collective_ns,
+                                              hidden_time(intervals[True], intervals[False]))]
   busy = sum(t for _, t in kernels.values())
   categories, parts = {}, {}
   for (name, op), (_, t) in kernels.items():
@@ -445,6 +480,10 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
       "top_kernels": [{"name": name[:120], "hlo_op": op[:80], "calls_per_step": c / n_steps,
                        "ms_per_step": per_step(t)} for (name, op), (c, t) in top],
       "lines": {k: {"events": n, "ms": t / 1e6} for k, (n, t) in lines.items()},
+      # Per device: the time a collective ran, and the part of it hidden behind compute.
+      "collectives_ms_per_step_per_device": per_step(collective_ns[0] / len(planes or [0])),
+      "collectives_hidden_ms_per_step_per_device": per_step(
+          collective_ns[1] / len(planes or [0])),
   }
 
 
@@ -463,13 +502,20 @@ def profile(built, directory: str, label: str, step_s: float, n_steps: int = 3) 
     json.dump(summary, f, indent=1)
   print(format_profile(label, summary), flush=True)
   return {k: summary[k] for k in ("device_busy_ms_per_step", "kernels_per_step",
-                                  "categories_ms_per_step", "parts_ms_per_step")}
+                                  "categories_ms_per_step", "parts_ms_per_step",
+                                  "collectives_ms_per_step_per_device",
+                                  "collectives_hidden_ms_per_step_per_device")}
 
 
 def format_profile(label: str, s: dict) -> str:
   lines = [f"profile {label}: wall {s['wall_ms_per_step']:.2f} ms/step, device busy "
            f"{s['device_busy_ms_per_step']:.2f} ms in {s['kernels_per_step']:.0f} kernels"]
   lines += [f"  {k:<20} {v:8.2f} ms" for k, v in s["categories_ms_per_step"].items()]
+  busy = s.get("collectives_ms_per_step_per_device", 0.0)
+  if busy:
+    hidden = s["collectives_hidden_ms_per_step_per_device"]
+    lines += [f"  collectives per device: {busy:.2f} ms/step, {hidden:.2f} ms "
+              f"({hidden / busy:.0%}) hidden behind compute, {busy - hidden:.2f} ms exposed"]
   lines += ["  by part of the step:"]
   lines += [f"    {k:<34} {v:8.2f} ms" for k, v in s["parts_ms_per_step"].items()]
   lines += [f"  {k['ms_per_step']:8.3f} ms x{k['calls_per_step']:<4g} {k['name'][:70]}  "

@@ -25,7 +25,8 @@ NEGATIONS = {"no_delete_snapshots_after_training": "delete_snapshots_after_train
              "no_early_stop_restore_best": "early_stop_restore_best"}
 ACTIONS = {"info": "print the comprehensive documentation and exit",
            "explain": "print a short explanation with runnable examples and exit",
-           "check_only": "validate the options (nothing is written) and exit"}
+           "check_only": "validate the options (nothing is written), print the run directory "
+                         "(output_dir: PATH) and exit"}
 
 
 def _define_flags(fv: flags.FlagValues, argv) -> None:

@@ -199,6 +199,22 @@ def test_part_of_a_gpu_kernel():
   assert bench.kernel_part("nvjet_sm90_tst_128x128_64x6") == "matmul (not attributed)"
 
 
+def test_hidden_collective_time_is_the_overlap_with_compute():
+  # A collective from 10 to 30 on one stream; compute kernels on others from 0 to 12, 15 to 18
+  # and 16 to 25 (overlapping each other), and one from 40 to 50: 2 + 3 + 7 = 12 of its 20 hidden.
+  assert bench.hidden_time([(10, 30)], [(0, 12), (15, 18), (16, 25), (40, 50)]) == (20, 12)
+  # Two collectives that overlap each other count once; none running: nothing hidden.
+  assert bench.hidden_time([(0, 10), (5, 20), (30, 35)], [(8, 31)]) == (25, 13)
+  assert bench.hidden_time([], [(0, 5)]) == (0, 0)
+  summary = {"wall_ms_per_step": 10.0, "device_busy_ms_per_step": 9.0, "kernels_per_step": 5,
+             "categories_ms_per_step": {"matmul": 6.0, "collectives (NCCL)": 3.0},
+             "parts_ms_per_step": {}, "top_kernels": [],
+             "collectives_ms_per_step_per_device": 3.0,
+             "collectives_hidden_ms_per_step_per_device": 2.25}
+  assert ("collectives per device: 3.00 ms/step, 2.25 ms (75%) hidden behind compute, 0.75 ms "
+          "exposed") in bench.format_profile("x", summary)
+
+
 def test_model_part_of_an_hlo_op():
   part = lambda op: bench.model_part("jit(train_step)/" + op)
   assert part("transpose(jvp(GPT))/block_11/mlp/fc/reduce_sum") == "MLP backward"
