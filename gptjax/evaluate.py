@@ -108,8 +108,10 @@ def _define_flags(fv):
   from absl import flags
   flags.DEFINE_string("model", None, "final model directory (models/model_<TIMESTAMP>/) or "
                       "snapshot directory (snapshots/snapshot_<step>/)", flag_values=fv)
-  flags.DEFINE_string("dataset", "", "wikitext, wikitext-103 or a folder of train/valid/test.txt; "
-                      "'' = the dataset the model was trained on", flag_values=fv)
+  flags.DEFINE_string("dataset", "", "wikitext, wikitext-103, hf:NAME[:CONFIG] or a folder of "
+                      ".txt/.jsonl/.parquet files per split (read with the training run's "
+                      "text_column, hf_splits, held_out_fraction); '' = the dataset the model was "
+                      "trained on", flag_values=fv)
   flags.DEFINE_enum("split", "test", list(SPLITS), "split to measure", flag_values=fv)
   flags.DEFINE_integer("batch_size", 0, "sequences per evaluation step; 0 = the training run's",
                        flag_values=fv)
