@@ -11,6 +11,7 @@ length, fingerprint and cache folder; tokenizing prints its speed. Interrupted, 
 resumes after the last complete shard.
 """
 import sys
+import textwrap
 
 DATA_FIELDS = ("dataset", "text_column", "hf_splits", "held_out_fraction", "tokenizer",
                "max_samples", "data_cache_dir", "tokenizer_threads")
@@ -26,7 +27,8 @@ def run(argv) -> dict:
           "lists every field):")
     for name in DATA_FIELDS:
       default, help_text = config_lib.FIELDS[name]
-      print(f"  --{name} (default {default!r}): {help_text}")
+      print(textwrap.fill(f"--{name} (default {default!r}): {help_text}", 100,
+                          initial_indent="  ", subsequent_indent="      "))
     return {}
   config, _, _, _ = cli.parse(argv)
   config_lib.validate(config)
