@@ -543,7 +543,8 @@ def measure_loop(config, opts) -> dict:
   _use_compilation_cache()
   try:
     tokens = data.load_tokens(config.dataset, "train", config.tokenizer, config.max_samples,
-                              config.data_cache_dir)
+                              config.data_cache_dir, threads=config.tokenizer_threads,
+                              **data.source_options(config))
     windows = data.TrainWindows(tokens, config.max_seq_len, config_lib.sequences_per_step(config),
                                 config.seed)
     out = measure_step(config, opts, windows.steps_per_epoch * config.epochs)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import checkpoint, config as config_lib, data, early_stop, monitor, optim, reporting
-from gptjax import evaluate, generate, hf, plan as plan_lib, rundir, sharding
+from gptjax import evaluate, generate, hf, plan as plan_lib, rundir, sharding, sources
 from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, count_params
 from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
@@ -28,7 +28,9 @@ from gptjax.step import TrainState, init_state, make_eval_step, make_train_step
 # Where and how this invocation runs, not what it trains: never taken from a snapshot.
 INVOCATION_FIELDS = ("resume", "checkpoint_file", "yes", "allow_data_change", "output_dir",
                      "coordinator_address", "num_processes", "process_id", "mesh_data",
-                     "mesh_fsdp", "shard_optimizer")
+                     "mesh_fsdp", "shard_optimizer", "tokenizer_threads")
+# What chooses the text a run trains on: other values on resume need --allow_data_change.
+DATA_FIELDS = ("dataset", "text_column", "hf_splits", "held_out_fraction")
 # What a resumed run may be given anew (logged): its length, how it reports, snapshots and runs.
 # Every other field is the run's identity: given with another value than the snapshot's, an error.
 CHANGEABLE_ON_RESUME = (
@@ -101,7 +103,7 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset,
                       f"{', '.join(missing)})")
   # The resumed run is the same run: every field not given again comes from the snapshot; of
   # those given, only run length and the like may change (logged), and other data if allowed.
-  changeable = CHANGEABLE_ON_RESUME + (("dataset",) if config.allow_data_change else ())
+  changeable = CHANGEABLE_ON_RESUME + (DATA_FIELDS if config.allow_data_change else ())
   changes = []
   for field, value in meta["config"].items():
     if field not in config or field in INVOCATION_FIELDS:
@@ -111,7 +113,7 @@ def find_resume_snapshot(config, run_dir: str, explicit: frozenset,
     elif config[field] != value and field in changeable:
       changes.append((field, value, config[field]))
     elif config[field] != value:
-      hint = (" (or --allow_data_change to train on other data)" if field == "dataset" else "")
+      hint = (" (or --allow_data_change to train on other data)" if field in DATA_FIELDS else "")
       raise ConfigError(f"{field}: the snapshot was trained with {field}={value!r} but "
                         f"{field}={config[field]!r} was given; drop the option to resume"
                         f"{hint}, or start a new run in another --output_dir")
@@ -389,6 +391,9 @@ def _log_run_header(report, config, plan, mcfg, enc, mesh, splits, windows, tota
               f"tokens, {windows.steps_per_epoch * tokens_per_step:,} tokens per epoch in "
               f"{windows.steps_per_epoch} steps; valid {len(splits['valid']):,}; "
               f"test {len(splits['test']):,}")
+  if config.held_out_fraction:
+    report.info("Held out: valid and test each "
+                + sources.held_out_statement("valid", config.held_out_fraction))
   report.info(f"Training {config.epochs} epochs = {total_steps} steps of {tokens_per_step:,} "
               f"tokens; run directory {os.path.abspath(run_dir)}")
   if config.warmup_steps > total_steps:
