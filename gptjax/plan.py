@@ -78,6 +78,19 @@ class Plan:
             + (" (Pallas kernels in the interpreter: slow)" if interpreted else ""))
 
 
+def _kernel_needs_fused_block(field: str) -> ConfigError:
+  return ConfigError(f"{field}: on needs fused_block on (the plain block uses flax's layers "
+                     "only); allowed with fused_block off: auto, off")
+
+
+def check(config) -> None:
+  """What cannot run on any backend (--check_only, which runs on the CPU, calls this; resolve
+  finds the rest where the run starts)."""
+  for field in ("layer_norm_kernel", "gelu_kernel"):
+    if config[field] == "on" and config.fused_block == "off":
+      raise _kernel_needs_fused_block(field)
+
+
 def resolve(config, backend: str, n_devices: int) -> Plan:
   """The concrete Plan of `config`'s plan fields on `backend` ('cpu', 'gpu', 'tpu') with
   `n_devices` devices in the mesh; ConfigError naming a field whose value cannot run there."""
@@ -107,8 +120,7 @@ def resolve(config, backend: str, n_devices: int) -> Plan:
               xla_overlap_collectives=switch("xla_overlap_collectives", gpu and n_devices > 1))
   for field in ("layer_norm_kernel", "gelu_kernel"):
     if getattr(plan, field) and not fused:
-      raise ConfigError(f"{field}: on needs fused_block on (the plain block uses flax's layers "
-                        "only); allowed with fused_block off: auto, off")
+      raise _kernel_needs_fused_block(field)
   for field in ("xla_gpu_epilogues", "xla_overlap_collectives"):
     if getattr(plan, field) and not gpu:
       raise ConfigError(f"{field}: on applies to GPUs only (backend {backend}); allowed here: "

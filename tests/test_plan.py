@@ -67,6 +67,19 @@ def test_impossible_plans_are_one_line_naming_the_field(fields, message):
     _resolve("cpu", 1, **fields)
 
 
+def test_check_only_refuses_a_kernel_without_the_fused_block(tmp_path, capsys):
+  from gptjax import train
+  from gptjax.config import SAMPLE_DIR
+  with pytest.raises(SystemExit) as exit_:
+    train.main(["train", "--dataset", SAMPLE_DIR, "--output_dir", str(tmp_path / "run"),
+                "--fused_block", "off", "--gelu_kernel", "on", "--check_only"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.strip() == (
+      "error: gelu_kernel: on needs fused_block on (the plain block uses flax's layers only); "
+      "allowed with fused_block off: auto, off")
+  assert not (tmp_path / "run").exists()
+
+
 def test_compiler_options_come_from_the_plan_not_the_environment(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=foo")
   assert _resolve("cpu", 1).compiler_options() == {}
