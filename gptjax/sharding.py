@@ -154,6 +154,21 @@ def process_rows(placement: NamedSharding, batch_size: int) -> slice:
   return rows
 
 
+def from_process_0(text: str, size: int = 256) -> str:
+  """Process 0's `text` on every process. The names a multi-process run writes under (its final
+  model's, its run id) must agree: its collective saves wait for every process at one path, and a
+  clock read one second apart on two machines would name two paths and wait forever."""
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils
+  raw = text.encode()
+  if len(raw) > size:
+    raise ValueError(f"from_process_0: {len(raw)} bytes, more than {size}")
+  buffer = np.zeros(size, np.uint8)
+  buffer[:len(raw)] = np.frombuffer(raw, np.uint8)
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).rstrip(b"\0").decode()
+
+
 def batch_feeder(mesh: Mesh, batch_size: int):
   """(rows, put) for global batches of `batch_size`: the rows this process reads, and the copy of
   those rows (an array, or a tuple of arrays) into one global array each, split over the mesh."""

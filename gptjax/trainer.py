@@ -356,7 +356,8 @@ def train_and_evaluate(config, *, explicit: frozenset = frozenset(), log_file: s
     # Rotation keeps the highest steps: later snapshots than the one resumed (another future of
     # this run, or saves that never completed) would delete the resumed run's own first.
     aside = checkpoint.move_aside(snap_dir, resume.step) if resume and lock else None
-    report = reporting.Reporter(run_dir, log_file)
+    report = reporting.Reporter(run_dir, log_file,
+                                stamp=sharding.from_process_0(reporting.timestamp()))
     if aside:
       report.info(f"Snapshots later than step {resume.step} moved aside to {aside}")
     snapshots = checkpoint.Snapshots(snap_dir, config.keep_last_n_snapshots)
@@ -487,7 +488,8 @@ class _Run:
     # The run's identity beside its config: one id from its first start, and the data it reads.
     self.identity = {"config": config.to_dict(),
                      "model": model_info(mcfg, config, enc.n_vocab, plan),
-                     "run_id": (resume.meta.get("run_id") if resume else None) or uuid.uuid4().hex,
+                     "run_id": (resume.meta.get("run_id") if resume else None)
+                               or sharding.from_process_0(uuid.uuid4().hex),
                      "data": {"dataset": config.dataset, "fingerprints": run_data.fingerprints}}
     for path in (run_dir, snapshots.directory) if jax.process_index() == 0 else ():
       with open(os.path.join(path, "run_config.json"), "w") as f:

@@ -164,6 +164,8 @@ def _driver(jobs: list) -> None:
            "reductions": lambda job: _reductions_job(),
            "state_specs": lambda job: _state_specs_job(job.get("shard_optimizer", False)),
            "kernels": lambda job: _kernels_job(),
+           # what each process names a path after: its own text, process 0's on return
+           "agree": lambda job: sharding.from_process_0(f"process {jax.process_index()}"),
            "load": lambda job: _load_job(job["path"])}
   results = [kinds[job["kind"]](job) for job in jobs]
   print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
@@ -222,7 +224,8 @@ def runs(corpus, tmp_path_factory):
                        run("zero4", shard_optimizer=True),
                        {"kind": "state_specs", "shard_optimizer": True}], 4, cache),
       "pair": [_launch([run("two_procs", coordinator_address=f"localhost:{port}",
-                            num_processes=2, process_id=i)], 2, cache) for i in (0, 1)]}
+                            num_processes=2, process_id=i), {"kind": "agree"}], 2, cache)
+               for i in (0, 1)]}
   out = {"four": _results(wave1["four"]), "pair": [_results(p) for p in wave1["pair"]]}
   fsdp4 = out["four"]["results"][1]
   epoch1 = os.path.join(root, "fsdp4", "snapshots", f"snapshot_{fsdp4['history'][0]['step']}")
@@ -352,6 +355,9 @@ def test_snapshot_from_4_devices_resumes_on_2_and_1(runs):
 def test_two_processes_train_together(runs):
   p0, p1 = (r["results"][0] for r in runs["pair"])
   assert [r["process"] for r in runs["pair"]] == [0, 1]
+  # One final model, named by process 0 (two clocks a second apart named two and hung).
+  assert p0["model_path"] == p1["model_path"]
+  assert [r["results"][1] for r in runs["pair"]] == ["process 0", "process 0"]
   assert [r["devices"] for r in runs["pair"]] == [4, 4]
   assert p0["history"] == p1["history"] and p0["test_loss"] == p1["test_loss"]
   _assert_same_run(runs["four"]["results"][0], p0)
