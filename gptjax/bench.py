@@ -267,11 +267,6 @@ def _peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
-# What a model computes, not how: the float32 reference keeps these, with the default plain form.
-_ARCH = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "dropout",
-         "layer_norm_epsilon")
-
-
 def loss_vs_float32(built, batch) -> dict:
   """Loss of the row's model (its dtype, attention and the train step's loss code) and of a
   float32, XLA-attention model with optax's plain cross-entropy, on the same parameters and
@@ -279,11 +274,12 @@ def loss_vs_float32(built, batch) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
-  from gptjax import step
-  from gptjax.model import GPT, ModelConfig
+  from gptjax import plan as plan_lib, step
+  from gptjax.model import GPT
 
-  reference = GPT(ModelConfig(**{f.name: getattr(built.mcfg, f.name) for f in
-                                  dataclasses.fields(ModelConfig) if f.name in _ARCH}))
+  # The same model computed the plainest way: float32, XLA attention, GPT-2's block.
+  plain = plan_lib.model_fields(plan_lib.for_inference("float32", "cpu"))
+  reference = GPT(dataclasses.replace(built.mcfg, remat=False, **plain))
   inputs, targets = batch[:, :-1], batch[:, 1:]
   row = jax.jit(step.on_mesh(lambda p: step.train_loss(built.model, p, inputs, targets),
                              built.mesh))
@@ -451,8 +447,9 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
       if on_gpu and not line.name.startswith("Stream"):
         continue
       for e in events:
-        intervals[_category(e.name) == "collectives (NCCL)"].append(
-            (e.start_ns, e.start_ns + e.duration_ns))
+        if on_gpu:
+          intervals[_category(e.name) == "collectives (NCCL)"].append(
+              (e.start_ns, e.start_ns + e.duration_ns))
         stats = dict(e.stats)
         if not on_gpu and "hlo_op" not in stats:
           continue

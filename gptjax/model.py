@@ -51,6 +51,11 @@ def _init(std):
   return nn.initializers.normal(stddev=std)
 
 
+def _residual_init(cfg: ModelConfig):
+  """GPT-2's init of the projections into the residual stream, scaled by 1/sqrt(2 * layers)."""
+  return _init(0.02 / math.sqrt(2 * cfg.num_layers))
+
+
 class _Attention(nn.Module):
   """What both attention forms share: the heads and the decode cache."""
   config: ModelConfig
@@ -91,9 +96,7 @@ class CausalSelfAttention(_Attention):
     qkv_BTD = nn.Dense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
     q_BTNH, k_BTNH, v_BTNH = map(self.heads, jnp.split(qkv_BTD, 3, axis=-1))
     y_BTD = self.attend(q_BTNH, k_BTNH, v_BTNH, cache_index).reshape(B, T, D)
-    # GPT-2: residual projections scaled by 1/sqrt(2 * num_layers).
-    y_BTD = nn.Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_init(
-        0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTD)
+    y_BTD = nn.Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_residual_init(cfg))(y_BTD)
     return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 
@@ -104,8 +107,8 @@ class MLP(nn.Module):
   def __call__(self, x_BTD, *, deterministic: bool):
     cfg = self.config
     h = nn.Dense(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc")(x_BTD)
-    y = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=_init(
-        0.02 / math.sqrt(2 * cfg.num_layers)))(nn.gelu(h, approximate=True))
+    y = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=_residual_init(cfg))(
+        nn.gelu(h, approximate=True))
     return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
@@ -319,8 +322,8 @@ class FusedAttention(_Attention):
     B, T, D = x_BTD.shape
     *qkv, v_bias = QKVDense(3 * D, dtype=cfg.dtype, kernel_init=_init(0.02), name="qkv")(x_BTD)
     y_BTNH = self.attend(*map(self.heads, qkv), cache_index)
-    y_ND = Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_init(
-        0.02 / math.sqrt(2 * cfg.num_layers)))(y_BTNH.reshape(B * T, D), input_bias=v_bias)
+    y_ND = Dense(D, dtype=cfg.dtype, name="proj", kernel_init=_residual_init(cfg))(
+        y_BTNH.reshape(B * T, D), input_bias=v_bias)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)
 
 
@@ -333,8 +336,8 @@ class FusedMLP(nn.Module):
     cfg = self.config
     h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc",
                      epilogue=cfg.gelu_epilogue, kernel=cfg.gelu_kernel)(x_ND)
-    y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj", kernel_init=_init(
-        0.02 / math.sqrt(2 * cfg.num_layers)))(h_NF)
+    y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj",
+                    kernel_init=_residual_init(cfg))(h_NF)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)
 
 

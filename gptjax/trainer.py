@@ -52,7 +52,9 @@ class NonFiniteError(RuntimeError):
 def model_info(mcfg: ModelConfig, config, n_vocab: int, plan) -> dict:
   """What `models/model_*/model.json` records: enough to rebuild and use the model alone, and the
   plan it was trained with."""
-  arch = dataclasses.asdict(mcfg)
+  # "model" is what the model computes, in its dtype and attention; how is the plan's record.
+  how = set(plan_lib.model_fields(plan)) - {"dtype", "attention"}
+  arch = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in how}
   arch["dtype"] = jnp.dtype(mcfg.dtype).name
   return {"model": arch, "plan": plan.to_json(), "tokenizer": config.tokenizer, "n_vocab": n_vocab,
           # A folder is recorded absolute: evaluate may run from another directory.
