@@ -353,9 +353,7 @@ def _category(name: str) -> str:
 _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "mlp": "MLP"}
 # gptjax.kernels' Pallas kernels: their GPU kernels carry the pallas_call's name, not an HLO one
 # (with a suffix __1, __2, ... where one name is compiled several times).
-_KERNEL_PARTS = {"logsumexp_rows": "loss forward", "softmax_cross_entropy_grad": "loss backward",
-                 "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward",
-                 "bias_gelu_grad": "MLP backward",
+_KERNEL_PARTS = {"logsumexp_rows": "loss forward",
                  "softmax_cross_entropy_deferred": "loss (forward and backward)"}
 
 

@@ -9,9 +9,9 @@ CLI, from Python and in the benchmark, whatever XLA_FLAGS or the device count sa
 What `auto` chooses, and why:
 - compute_dtype: bfloat16 on accelerators, float32 on the CPU.
 - attention: cuDNN's flash attention on a GPU with a 16-bit compute dtype, else XLA's.
-- fused_block, layer_norm_kernel, gelu_kernel, loss_kernel: on GPUs, on any mesh (the row-wise
-  Pallas kernels run per shard under shard_map). Elsewhere the plain GPT-2 block and optax's loss:
-  the kernels are Triton kernels (on the CPU Pallas can only interpret them, slowly).
+- fused_block, loss_kernel: on GPUs, on any mesh (the loss's row-wise Pallas kernels run per
+  shard under shard_map). Elsewhere the plain GPT-2 block and optax's loss: the kernels are Triton
+  kernels (on the CPU Pallas can only interpret them, slowly).
 - xla_gpu_epilogues: on GPUs. XLA fuses epilogues only in its cuBLAS(Lt) rewriter; matmuls that go
   through the Triton GEMM autotuner come back without them. The fused block writes its GELU in
   the form the rewriter matches (gptjax.model.gelu).
@@ -48,8 +48,6 @@ class Plan:
   compute_dtype: str
   attention: str
   fused_block: bool
-  layer_norm_kernel: bool
-  gelu_kernel: bool
   loss_kernel: bool
   xla_gpu_epilogues: bool
   xla_overlap_collectives: bool
@@ -72,23 +70,9 @@ class Plan:
   def describe(self) -> str:
     """One line for the run header: every choice, `on`/`off` for the switches."""
     words = [f"{f} {'on' if getattr(self, f) else 'off'}" for f in PLAN_SWITCHES]
-    interpreted = self.backend != "gpu" and (self.layer_norm_kernel or self.gelu_kernel
-                                             or self.loss_kernel)
+    interpreted = self.backend != "gpu" and self.loss_kernel
     return (f"Plan: compute {self.compute_dtype}, attention {self.attention}, " + ", ".join(words)
             + (" (Pallas kernels in the interpreter: slow)" if interpreted else ""))
-
-
-def _kernel_needs_fused_block(field: str) -> ConfigError:
-  return ConfigError(f"{field}: on needs fused_block on (the plain block uses flax's layers "
-                     "only); allowed with fused_block off: auto, off")
-
-
-def check(config) -> None:
-  """What cannot run on any backend (--check_only, which runs on the CPU, calls this; resolve
-  finds the rest where the run starts)."""
-  for field in ("layer_norm_kernel", "gelu_kernel"):
-    if config[field] == "on" and config.fused_block == "off":
-      raise _kernel_needs_fused_block(field)
 
 
 def resolve(config, backend: str, n_devices: int) -> Plan:
@@ -111,16 +95,10 @@ def resolve(config, backend: str, n_devices: int) -> Plan:
       raise ConfigError(f"{field}: {value!r} is not allowed; allowed: auto, on, off")
     return auto if value == "auto" else value == "on"
 
-  fused = switch("fused_block", gpu)
-  plan = Plan(backend=backend, compute_dtype=dtype, attention=attention, fused_block=fused,
-              layer_norm_kernel=switch("layer_norm_kernel", gpu and fused),
-              gelu_kernel=switch("gelu_kernel", gpu and fused),
-              loss_kernel=switch("loss_kernel", gpu),
+  plan = Plan(backend=backend, compute_dtype=dtype, attention=attention,
+              fused_block=switch("fused_block", gpu), loss_kernel=switch("loss_kernel", gpu),
               xla_gpu_epilogues=switch("xla_gpu_epilogues", gpu),
               xla_overlap_collectives=switch("xla_overlap_collectives", gpu and n_devices > 1))
-  for field in ("layer_norm_kernel", "gelu_kernel"):
-    if getattr(plan, field) and not fused:
-      raise _kernel_needs_fused_block(field)
   for field in ("xla_gpu_epilogues", "xla_overlap_collectives"):
     if getattr(plan, field) and not gpu:
       raise ConfigError(f"{field}: on applies to GPUs only (backend {backend}); allowed here: "
@@ -140,8 +118,7 @@ def model_config(config, n_vocab: int, plan: Plan) -> ModelConfig:
 def model_fields(plan: Plan) -> dict:
   """ModelConfig's fields that the plan decides."""
   return dict(dtype=jnp.dtype(plan.compute_dtype), attention=plan.attention,
-              fused_block=plan.fused_block, layer_norm_kernel=plan.layer_norm_kernel,
-              gelu_kernel=plan.gelu_kernel, loss_kernel=plan.loss_kernel,
+              fused_block=plan.fused_block, loss_kernel=plan.loss_kernel,
               gelu_epilogue=plan.xla_gpu_epilogues)
 
 
