@@ -39,6 +39,7 @@ from gptjax import config as config_lib
 
 H100_SXM_BF16_TFLOPS = 989.0
 _TRACE_TOP = 25
+_GAP_NS = 20_000   # idle gaps from here up are a stall, not a kernel launch's
 
 
 def flops_per_token(n_params: int, num_layers: int, seq_len: int, d_model: int) -> int:
@@ -424,6 +425,20 @@ def hidden_time(collectives, compute) -> tuple[float, float]:
   return busy, hidden
 
 
+def idle_gaps(spans) -> tuple[float, list]:
+  """(idle time, [(gap, kernel before, kernel after), ...] largest first) of one device between
+  its first kernel's start and its last kernel's end, from (start, end, name) of its kernels on
+  every stream: the time no kernel ran, where a step bound by its kernels has none."""
+  idle, gaps, last_end, last_name = 0.0, [], None, None
+  for start, end, name in sorted(spans):
+    if last_end is not None and start > last_end:
+      idle += start - last_end
+      gaps.append((start - last_end, last_name, name))
+    if last_end is None or end >= last_end:
+      last_end, last_name = end, name
+  return idle, sorted(gaps, key=lambda g: -g[0])
+
+
 def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
   """Per-step device time by kernel, by category and by part of the model, from a
   jax.profiler trace (xplane.pb) and the program's `hlo_op_names`. Library calls (cuBLAS,
@@ -437,8 +452,10 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
   kernels = {}
   lines = {}
   collective_ns = [0.0, 0.0]   # summed over the devices: busy, hidden behind compute
+  idle_ns, stalls = 0.0, []     # summed over the devices; the gaps of _GAP_NS and more
   for plane in planes:
     intervals = {True: [], False: []}   # collective or not -> (start, end) of its kernels
+    spans = []
     for line in plane.lines:
       events = list(line.events)
       lines[f"{plane.name}/{line.name}"] = (len(events), sum(e.duration_ns for e in events))
@@ -448,6 +465,7 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
         if on_gpu:
           intervals[_category(e.name) == "collectives (NCCL)"].append(
               (e.start_ns, e.start_ns + e.duration_ns))
+          spans.append((e.start_ns, e.start_ns + e.duration_ns, e.name))
         stats = dict(e.stats)
         if not on_gpu and "hlo_op" not in stats:
           continue
@@ -457,6 +475,10 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
     if intervals[True]:
       collective_ns = [a + b for a, b in zip(collective_ns,
                                               hidden_time(intervals[True], intervals[False]))]
+    if spans:
+      idle, gaps = idle_gaps(spans)
+      idle_ns += idle
+      stalls += [g for g in gaps if g[0] >= _GAP_NS]
   busy = sum(t for _, t in kernels.values())
   categories, parts = {}, {}
   for (name, op), (_, t) in kernels.items():
@@ -479,6 +501,13 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
       "collectives_ms_per_step_per_device": per_step(collective_ns[0] / len(planes or [0])),
       "collectives_hidden_ms_per_step_per_device": per_step(
           collective_ns[1] / len(planes or [0])),
+      # Per device: the time between kernels (GPUs), and the gaps of 20 us or more among it.
+      "idle_ms_per_step_per_device": per_step(idle_ns / len(planes or [0])),
+      "stalls_per_step_per_device": len(stalls) / n_steps / len(planes or [0]),
+      "stalls_ms_per_step_per_device": per_step(sum(g for g, _, _ in stalls)
+                                                / len(planes or [0])),
+      "largest_stalls": [{"us": g / 1e3, "after": a[:80], "before": b[:80]}
+                         for g, a, b in sorted(stalls, key=lambda g: -g[0])[:_TRACE_TOP]],
   }
 
 
@@ -499,7 +528,9 @@ def profile(built, directory: str, label: str, step_s: float, n_steps: int = 3) 
   return {k: summary[k] for k in ("device_busy_ms_per_step", "kernels_per_step",
                                   "categories_ms_per_step", "parts_ms_per_step",
                                   "collectives_ms_per_step_per_device",
-                                  "collectives_hidden_ms_per_step_per_device")}
+                                  "collectives_hidden_ms_per_step_per_device",
+                                  "idle_ms_per_step_per_device", "stalls_per_step_per_device",
+                                  "stalls_ms_per_step_per_device", "largest_stalls")}
 
 
 def format_profile(label: str, s: dict) -> str:
@@ -511,6 +542,13 @@ def format_profile(label: str, s: dict) -> str:
     hidden = s["collectives_hidden_ms_per_step_per_device"]
     lines += [f"  collectives per device: {busy:.2f} ms/step, {hidden:.2f} ms "
               f"({hidden / busy:.0%}) hidden behind compute, {busy - hidden:.2f} ms exposed"]
+  idle = s.get("idle_ms_per_step_per_device", 0.0)
+  if idle:
+    lines += [f"  idle between kernels per device: {idle:.2f} ms/step, of it "
+              f"{s['stalls_ms_per_step_per_device']:.2f} ms in "
+              f"{s['stalls_per_step_per_device']:.0f} gaps of 20 us or more; the largest:"]
+    lines += [f"    {g['us']:8.0f} us after {g['after'][:50]}, before {g['before'][:50]}"
+              for g in s["largest_stalls"][:8]]
   lines += ["  by part of the step:"]
   lines += [f"    {k:<34} {v:8.2f} ms" for k, v in s["parts_ms_per_step"].items()]
   lines += [f"  {k['ms_per_step']:8.3f} ms x{k['calls_per_step']:<4g} {k['name'][:70]}  "

@@ -213,6 +213,22 @@ def test_hidden_collective_time_is_the_overlap_with_compute():
           "exposed") in bench.format_profile("x", summary)
 
 
+def test_idle_time_is_where_no_kernel_runs_on_any_stream():
+  # a 0-10, b 12-20 with c 15-30 on another stream, d 100-110: idle 2 (a..b) and 70 (c..d);
+  # the gap after the overlap is named after c, the kernel that ended last.
+  idle, gaps = bench.idle_gaps([(12, 20, "b"), (0, 10, "a"), (100, 110, "d"), (15, 30, "c")])
+  assert idle == 72 and gaps == [(70, "c", "d"), (2, "a", "b")]
+  assert bench.idle_gaps([(0, 5, "a")]) == (0.0, [])
+  summary = {"wall_ms_per_step": 10.0, "device_busy_ms_per_step": 9.0, "kernels_per_step": 5,
+             "categories_ms_per_step": {}, "parts_ms_per_step": {}, "top_kernels": [],
+             "idle_ms_per_step_per_device": 1.5, "stalls_per_step_per_device": 2,
+             "stalls_ms_per_step_per_device": 1.2,
+             "largest_stalls": [{"us": 900.0, "after": "fusion_1", "before": "nvjet_x"}]}
+  text = bench.format_profile("x", summary)
+  assert ("idle between kernels per device: 1.50 ms/step, of it 1.20 ms in 2 gaps of 20 us or "
+          "more; the largest:\n         900 us after fusion_1, before nvjet_x") in text
+
+
 def test_model_part_of_an_hlo_op():
   part = lambda op: bench.model_part("jit(train_step)/" + op)
   assert part("transpose(jvp(GPT))/block_11/mlp/fc/reduce_sum") == "MLP backward"
