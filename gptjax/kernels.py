@@ -27,15 +27,12 @@ LSE_BLOCK, LSE_WARPS = 2048, 4           # measured best of 2048..8192 x 4..16 o
 DEFER_BLOCK, DEFER_WARPS = 8192, 8       # the train step's loss kernel: best of 2048..16384 x 4..32
 
 
-
 def per_shard(fn, rows_in, rows_out):
   """`fn` run on each device's rows under jax.shard_map over the mesh in context (the step's, set
   by gptjax.step), for kernels that see whole rows: XLA's partitioner can split its own fusions
   but not a kernel. `rows_in` / `rows_out` say, per argument / result (a tuple, or one bool
   for a single result), whether it is split by rows (its first axis, over every mesh axis, as
-  the batch is) or whole on every device. A per-program partial sum leaves split by rows,
-  stacked over the shards; the caller sums it outside, where XLA adds the collective. Without a
-  mesh of several devices, `fn` itself."""
+  the batch is) or whole on every device. Without a mesh of several devices, `fn` itself."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn
