@@ -283,7 +283,7 @@ def loss_vs_float32(built, batch) -> dict:
   reference = GPT(dataclasses.replace(built.mcfg, remat=False, **plain))
   inputs, targets = batch[:, :-1], batch[:, 1:]
   row = jax.jit(step.on_mesh(lambda p: step.train_loss(built.model, p, inputs, targets),
-                             built.mesh))
+                             built.mesh), compiler_options=built.plan.compiler_options())
   ref = jax.jit(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
       reference.apply({"params": p}, inputs), targets)))
   a, b = float(row(built.state.params)), float(ref(built.state.params))

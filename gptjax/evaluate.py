@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, cli, data, sharding
+from gptjax import checkpoint, cli, data, plan, sharding
 from gptjax.config import HUB_DATASETS, ConfigError, dataset_name
 
 SPLITS = ("test", "valid", "train")
@@ -91,8 +91,10 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
                             data_cache_dir, **data.source_options(run))
   if len(tokens) < 2:
     raise ConfigError(f"split: the {split} split of {dataset!r} has fewer than 2 tokens")
-  loss = mean_loss(make_eval_step(GPT(model_config)), params, tokens, model_config.max_seq_len,
-                   batch_size, desc=f"eval {split}")
+  eval_step = make_eval_step(GPT(model_config), compiler_options=plan.model_compiler_options(
+      model_config, jax.default_backend()))
+  loss = mean_loss(eval_step, params, tokens, model_config.max_seq_len, batch_size,
+                   desc=f"eval {split}")
   if not math.isfinite(loss):
     raise NonFiniteLoss(f"the loss of {model_path} on the {split} split is {loss}: the weights "
                        "are finite, so the model overflows on this data")

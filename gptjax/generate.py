@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import checkpoint, cli, data
+from gptjax import checkpoint, cli, data, plan
 from gptjax.config import ConfigError
 from gptjax.model import GPT, ModelConfig, init_cache
 
@@ -108,17 +108,33 @@ def model_tokens_to_logits(model_config: ModelConfig, params, n_vocab: int):
   return tokens_to_logits
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "n_vocab", "prefill",
-                                             "max_new_tokens", "eot_id", "temperature", "top_k",
-                                             "top_p"))
-def generate_tokens(params, prompt_BL, lengths_B, rng, *, model_config: ModelConfig, n_vocab: int,
-                    prefill: int, max_new_tokens: int, eot_id: int, temperature: float,
-                    top_k: int, top_p: float):
-  """`sample` with the model, compiled once per shapes and settings (jit's cache keeps it)."""
+def _generate(params, prompt_BL, lengths_B, rng, *, model_config: ModelConfig, n_vocab: int,
+              prefill: int, max_new_tokens: int, eot_id: int, temperature: float, top_k: int,
+              top_p: float):
   return sample(model_tokens_to_logits(model_config, params, n_vocab),
                 init_cache(model_config, prompt_BL.shape[0]), prompt_BL, lengths_B, rng,
                 prefill=prefill, max_new_tokens=max_new_tokens, eot_id=eot_id,
                 temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@functools.cache
+def _jitted(options: tuple):
+  return jax.jit(_generate, compiler_options=dict(options) or None, static_argnames=(
+      "model_config", "n_vocab", "prefill", "max_new_tokens", "eot_id", "temperature", "top_k",
+      "top_p"))
+
+
+def generate_jit(model_config: ModelConfig):
+  """`sample` with the model, jitted with the XLA options its form needs on this backend
+  (plan.model_compiler_options): compiled once per shapes and settings (jit's cache keeps it)."""
+  options = plan.model_compiler_options(model_config, jax.default_backend())
+  return _jitted(tuple(sorted(options.items())))
+
+
+def generate_tokens(params, prompt_BL, lengths_B, rng, *, model_config: ModelConfig, **settings):
+  """The token ids of `sample` with the model (generate_jit's program)."""
+  return generate_jit(model_config)(params, prompt_BL, lengths_B, rng, model_config=model_config,
+                                    **settings)
 
 
 def encode_prompts(encoding, prompts: list[str], max_seq_len: int, max_new_tokens: int,
@@ -231,7 +247,7 @@ def run(argv) -> dict:
                   temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
   args = (params, prompt_BL, lengths_B, jax.random.key(fv.seed))
   t0 = time.perf_counter()
-  compiled = generate_tokens.lower(*args, **settings).compile()
+  compiled = generate_jit(model_config).lower(*args, **settings).compile()
   t1 = time.perf_counter()
   tokens_BL = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - t1

@@ -42,6 +42,20 @@ _OVERLAP_OPTIONS = {
 }
 
 
+def _model_options(backend: str, fused_block: bool, epilogues: bool) -> dict:
+  options = dict(_FUSED_BLOCK_OPTIONS) if backend == "gpu" and fused_block else {}
+  if epilogues:
+    options.update(_EPILOGUE_OPTIONS)
+  return options
+
+
+def model_compiler_options(model_config: ModelConfig, backend: str) -> dict:
+  """The XLA options that the form of `model_config` (as model_fields made it) needs, for a
+  program of the model outside the train and eval steps (evaluation and sampling of a saved
+  model): the fused block's and the GELU epilogue's, as Plan.compiler_options gives them."""
+  return _model_options(backend, model_config.fused_block, model_config.gelu_epilogue)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   backend: str
@@ -55,11 +69,7 @@ class Plan:
   def compiler_options(self) -> dict:
     """XLA options for the jitted steps (jax.jit's compiler_options): per program, not the
     process-wide XLA_FLAGS, so a Python caller gets them as the CLI does."""
-    options = {}
-    if self.backend == "gpu" and self.fused_block:
-      options.update(_FUSED_BLOCK_OPTIONS)
-    if self.xla_gpu_epilogues:
-      options.update(_EPILOGUE_OPTIONS)
+    options = _model_options(self.backend, self.fused_block, self.xla_gpu_epilogues)
     if self.xla_overlap_collectives:
       options.update(_OVERLAP_OPTIONS)
     return options

@@ -137,6 +137,7 @@ def check(config, explicit: frozenset = frozenset(), can_ask: bool = False) -> R
     rundir.check_free(run_dir)
   resume = find_resume_snapshot(config, run_dir, explicit, can_ask)
   config_lib.validate(config)
+  plan_lib.resolve(config, jax.default_backend(), jax.device_count())   # what cannot run here
   if config.init_from and not resume:
     hf.check_init_from(config)
   data.check_sources(config.dataset, config.tokenizer, config.data_cache_dir, config.max_samples,

@@ -72,6 +72,28 @@ def test_check_only_refuses_a_switch_value_it_does_not_know(tmp_path, capsys):
   assert not (tmp_path / "run").exists()
 
 
+def test_check_only_refuses_a_plan_this_machine_cannot_run(tmp_path, capsys):
+  from gptjax import train
+  from gptjax.config import SAMPLE_DIR
+  with pytest.raises(SystemExit) as exit_:
+    train.main(["train", "--dataset", SAMPLE_DIR, "--output_dir", str(tmp_path / "run"),
+                "--attention", "cudnn", "--check_only"])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.startswith("error: attention: cudnn needs an NVIDIA GPU")
+
+
+@pytest.mark.parametrize("backend,n", [("cpu", 1), ("gpu", 1), ("gpu", 4)])
+def test_a_saved_models_programs_get_the_options_of_its_form(backend, n):
+  # Evaluation and sampling of a saved model compile outside the train step: the options its
+  # form needs come from its ModelConfig, as the run's plan gives them (less the collectives').
+  got = _resolve(backend, n)
+  mcfg = plan.model_config(base_config(), 50257, got)
+  want = {k: v for k, v in got.compiler_options().items() if "xla_gpu_enable_latency" not in k
+          and "combine_threshold" not in k}
+  assert plan.model_compiler_options(mcfg, backend) == want
+  assert bool(want) == (backend == "gpu")
+
+
 def test_compiler_options_come_from_the_plan_not_the_environment(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=foo")
   assert _resolve("cpu", 1).compiler_options() == {}
