@@ -487,6 +487,7 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
     parts[part] = parts.get(part, 0.0) + t
   top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:_TRACE_TOP]
   per_step = lambda ns: ns / n_steps / 1e6
+  n_dev = max(len(planes), 1)
   return {
       "device_busy_ms_per_step": per_step(busy),
       "kernels_per_step": sum(c for c, _ in kernels.values()) / n_steps,
@@ -498,14 +499,12 @@ def summarize_trace(path: str, n_steps: int, op_names=None) -> dict:
                        "ms_per_step": per_step(t)} for (name, op), (c, t) in top],
       "lines": {k: {"events": n, "ms": t / 1e6} for k, (n, t) in lines.items()},
       # Per device: the time a collective ran, and the part of it hidden behind compute.
-      "collectives_ms_per_step_per_device": per_step(collective_ns[0] / len(planes or [0])),
-      "collectives_hidden_ms_per_step_per_device": per_step(
-          collective_ns[1] / len(planes or [0])),
-      # Per device: the time between kernels (GPUs), and the gaps of 20 us or more among it.
-      "idle_ms_per_step_per_device": per_step(idle_ns / len(planes or [0])),
-      "stalls_per_step_per_device": len(stalls) / n_steps / len(planes or [0]),
-      "stalls_ms_per_step_per_device": per_step(sum(g for g, _, _ in stalls)
-                                                / len(planes or [0])),
+      "collectives_ms_per_step_per_device": per_step(collective_ns[0] / n_dev),
+      "collectives_hidden_ms_per_step_per_device": per_step(collective_ns[1] / n_dev),
+      # Per device: the time between kernels (GPUs), and the gaps of _GAP_NS or more among it.
+      "idle_ms_per_step_per_device": per_step(idle_ns / n_dev),
+      "stalls_per_step_per_device": len(stalls) / n_steps / n_dev,
+      "stalls_ms_per_step_per_device": per_step(sum(g for g, _, _ in stalls) / n_dev),
       "largest_stalls": [{"us": g / 1e3, "after": a[:80], "before": b[:80]}
                          for g, a, b in sorted(stalls, key=lambda g: -g[0])[:_TRACE_TOP]],
   }
@@ -546,7 +545,8 @@ def format_profile(label: str, s: dict) -> str:
   if idle:
     lines += [f"  idle between kernels per device: {idle:.2f} ms/step, of it "
               f"{s['stalls_ms_per_step_per_device']:.2f} ms in "
-              f"{s['stalls_per_step_per_device']:.0f} gaps of 20 us or more; the largest:"]
+              f"{s['stalls_per_step_per_device']:.0f} gaps of {_GAP_NS // 1000} us or more; "
+              "the largest:"]
     lines += [f"    {g['us']:8.0f} us after {g['after'][:50]}, before {g['before'][:50]}"
               for g in s["largest_stalls"][:8]]
   lines += ["  by part of the step:"]

@@ -15,6 +15,9 @@ CONFIGS_DIR = os.path.join(PACKAGE_DIR, "configs")
 SAMPLE_DIR = os.path.join(PACKAGE_DIR, "assets", "sample")
 PRESETS = ("tiny", "small", "medium")
 HUB_DATASETS = {"wikitext": "wikitext-2-raw-v1", "wikitext-103": "wikitext-103-raw-v1"}
+HF_PREFIX = "hf:"   # --dataset hf:NAME[:CONFIG], any hub dataset with a text column
+# Besides --dataset, what chooses a split's text (gptjax.data.source_options).
+SOURCE_FIELDS = ("text_column", "hf_splits", "held_out_fraction")
 TOKENIZERS = {"gpt2": "gpt2", "gpt4": "cl100k_base", "gpt4o": "o200k_base"}
 # The architecture: a resumed run takes these from its snapshot.
 ARCH_FIELDS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "layer_norm_epsilon",
@@ -158,8 +161,8 @@ def dataset_name(dataset: str) -> str:
   or a local folder's base name."""
   if dataset in HUB_DATASETS:
     return dataset
-  if dataset.startswith("hf:"):
-    return "-".join(filter(None, dataset[3:].rpartition("/")[2].split(":")))
+  if dataset.startswith(HF_PREFIX):
+    return "-".join(filter(None, dataset[len(HF_PREFIX):].rpartition("/")[2].split(":")))
   return os.path.basename(os.path.normpath(dataset))
 
 
@@ -178,8 +181,9 @@ def validate(config) -> None:
     if not ok:
       raise ConfigError(f"{field}: {getattr(config, field)!r} is not allowed; {allowed}")
 
-  need(config.dataset in HUB_DATASETS or config.dataset.startswith("hf:") and
-       bool(config.dataset[3:].split(":")[0]) or os.path.isdir(config.dataset), "dataset",
+  hub_name = config.dataset[len(HF_PREFIX):].split(":")[0]
+  need(config.dataset in HUB_DATASETS or config.dataset.startswith(HF_PREFIX) and bool(hub_name)
+       or os.path.isdir(config.dataset), "dataset",
        "use wikitext, wikitext-103, hf:NAME[:CONFIG], or an existing folder of .txt, .jsonl or "
        f".parquet files per split, e.g. the sample shipped with gptjax, {SAMPLE_DIR}")
   need(bool(config.text_column), "text_column", "name the column that holds the text")

@@ -25,7 +25,7 @@ import tiktoken
 from tqdm import tqdm
 
 from gptjax import sources
-from gptjax.config import FIELDS, TOKENIZERS, ConfigError, dataset_name
+from gptjax.config import FIELDS, SOURCE_FIELDS, TOKENIZERS, ConfigError, dataset_name
 from gptjax.sources import SPLITS
 
 
@@ -83,8 +83,7 @@ def token_dtype(n_vocab: int):
 def source_options(config) -> dict:
   """The options that choose a split's text (load_tokens's, check_sources's), from a config or a
   run's saved config dict; a field it lacks (a run older than the field) takes its default."""
-  return {name: config.get(name, FIELDS[name][0])
-          for name in ("text_column", "hf_splits", "held_out_fraction")}
+  return {name: config.get(name, FIELDS[name][0]) for name in SOURCE_FIELDS}
 
 
 def check_sources(dataset: str, tokenizer: str, cache_dir: str = "", max_samples: int = 0,

@@ -219,10 +219,10 @@ EXECUTION PLAN
   --loss_kernel, --xla_gpu_epilogues and --xla_overlap_collectives (each auto | on | off). auto:
   on GPUs the fused block, the Pallas loss kernels (on any mesh: each device runs them on its
   rows) and XLA's cuBLASLt epilogues (bias, residual add and GELU fused into the matmuls); with
-  two or more GPUs also XLA's latency-hiding scheduler and combined collectives. Elsewhere the plain GPT-2
-  block and optax's loss. The XLA options go to the compiled steps themselves (not XLA_FLAGS), so
-  Python callers and the CLI build the same program. Any switch set off is the escape hatch
-  when a kernel or a JAX/Triton version misbehaves.
+  two or more GPUs also XLA's latency-hiding scheduler and combined collectives. Elsewhere the
+  plain GPT-2 block and optax's loss. The XLA options go to the compiled programs themselves (not
+  XLA_FLAGS), so Python callers and the CLI build the same program. Any switch set off is the
+  escape hatch when a kernel or a JAX/Triton version misbehaves.
 
 USING THE MODEL
   python -m gptjax.evaluate --model result/lm_X/models/model_<TS> --split test   (loss, ppl,

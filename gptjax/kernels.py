@@ -27,19 +27,16 @@ LSE_BLOCK, LSE_WARPS = 2048, 4           # measured best of 2048..8192 x 4..16 o
 DEFER_BLOCK, DEFER_WARPS = 8192, 8       # the train step's loss kernel: best of 2048..16384 x 4..32
 
 
-def per_shard(fn, rows_in, rows_out):
+def per_shard(fn):
   """`fn` run on each device's rows under jax.shard_map over the mesh in context (the step's, set
   by gptjax.step), for kernels that see whole rows: XLA's partitioner can split its own fusions
-  but not a kernel. `rows_in` / `rows_out` say, per argument / result (a tuple, or one bool
-  for a single result), whether it is split by rows (its first axis, over every mesh axis, as
-  the batch is) or whole on every device. Without a mesh of several devices, `fn` itself."""
+  but not a kernel. Every argument and result of `fn` is split by rows (its first axis, over
+  every mesh axis, as the batch is). Without a mesh of several devices, `fn` itself."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn
-  spec = lambda rows: P(mesh.axis_names) if rows else P()
-  out_specs = tuple(map(spec, rows_out)) if isinstance(rows_out, tuple) else spec(rows_out)
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, rows_in)), out_specs=out_specs,
-                       check_vma=False)
+  rows = P(mesh.axis_names)
+  return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows, check_vma=False)
 
 
 def _interpret() -> bool:
@@ -62,12 +59,12 @@ def _per_row_call(kernel, out_shape, warps: int, name: str, **params):
       interpret=_interpret(), name=name, **params))
 
 
-def _load_block(ref, i, block: int, other=-jnp.inf):
-  """Block i of a row (its columns, their in-bounds mask, the values in float32; `other` past
-  the row's end)."""
+def _load_block(ref, i, block: int):
+  """Block i of a row (its columns, their in-bounds mask, the values in float32; -inf past the
+  row's end)."""
   col = i * block + jnp.arange(block)
   mask = col < ref.shape[0]
-  return col, mask, plgpu.load(ref.at[col], mask=mask, other=other).astype(jnp.float32)
+  return col, mask, plgpu.load(ref.at[col], mask=mask, other=-jnp.inf).astype(jnp.float32)
 
 
 def _logsumexp_kernel(x_ref, out_ref, *, block: int):
@@ -83,7 +80,7 @@ def logsumexp(x):
   """logsumexp over the last axis, in float32: one read of x (one program per row)."""
   call = _per_row_call(functools.partial(_logsumexp_kernel, block=LSE_BLOCK),
                        jax.ShapeDtypeStruct((), jnp.float32), LSE_WARPS, "logsumexp_rows")
-  return per_shard(call, (True,), True)(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+  return per_shard(call)(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
 
 
 # The deferred loss kernel's e = exp(logits - c) takes for c the row's first block max; a later
@@ -174,4 +171,4 @@ def softmax_cross_entropy_deferred(logits, targets, scale: float):
                                                    indices_are_sorted=True, unique_indices=True)
     return lse, target_logit, scale / row_sum, e
 
-  return per_shard(rows, (True, True), (True,) * 4)(logits, targets)
+  return per_shard(rows)(logits, targets)

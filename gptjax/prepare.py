@@ -13,8 +13,10 @@ resumes after the last complete shard.
 import sys
 import textwrap
 
-DATA_FIELDS = ("dataset", "text_column", "hf_splits", "held_out_fraction", "tokenizer",
-               "max_samples", "data_cache_dir", "tokenizer_threads")
+from gptjax.config import SOURCE_FIELDS
+
+DATA_FIELDS = ("dataset",) + SOURCE_FIELDS + ("tokenizer", "max_samples", "data_cache_dir",
+                                              "tokenizer_threads")
 USAGE = "python -m gptjax.prepare --dataset DATASET [options]"
 
 

@@ -10,6 +10,7 @@ Nothing here tokenizes; memory stays bounded by one piece (or one Arrow batch) w
 import codecs
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -17,11 +18,10 @@ import os
 import socket
 from typing import Callable
 
-from gptjax.config import HUB_DATASETS, SAMPLE_DIR, ConfigError
+from gptjax.config import HF_PREFIX, HUB_DATASETS, SAMPLE_DIR, ConfigError
 
 SPLITS = ("train", "valid", "test")
 FORMATS = (".txt", ".jsonl", ".parquet")
-HF_PREFIX = "hf:"
 _SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
 _WIKITEXT_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
 # Lines of a .txt file (or rows of WikiText) encoded as one string. The ids of every existing
@@ -33,7 +33,6 @@ _PARQUET_BATCH = 1024
 @dataclasses.dataclass
 class Piece:
   text: str
-  rows: int                     # lines of a .txt file or WikiText, else documents
   ends_doc: bool                # an end-of-text token follows it
   position: Callable[[], dict]  # where reading resumes after it (a JSON-able dict), asked at once
 
@@ -78,7 +77,18 @@ _TEXT_ALLOWED = "a split file must be UTF-8 text with at least one non-blank lin
 
 def _text_file_state(path: str) -> str:
   """'' when `path` is UTF-8 text that is not blank, else what it is ('blank (5 bytes)');
-  ConfigError naming the byte that is not UTF-8, or why the file does not read."""
+  ConfigError naming the byte that is not UTF-8, or why the file does not read. Scanned once per
+  version of the file: the checks of several splits (held-out ones read the same files) and of
+  --check_only and the load after it ask again."""
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    raise ConfigError(f"dataset: cannot read {path} ({e.strerror}); {_TEXT_ALLOWED}") from None
+  return _scanned_text_state(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scanned_text_state(path: str, *version) -> str:
   decoder = codecs.getincrementaldecoder("utf-8")()
   offset, has_text = 0, False
   try:
@@ -231,7 +241,7 @@ class FileSource:
         group = group[:max_rows - total] if last else group
         upcoming = None if last else next(groups, None)
         row, total = row + len(group), total + len(group)
-        yield Piece("".join(group), len(group), not is_txt or upcoming is None or last,
+        yield Piece("".join(group), not is_txt or upcoming is None or last,
                     lambda i=index, r=row, t=total: {"file": i, "row": r, "rows": t})
         if last:
           return
@@ -308,7 +318,7 @@ class WikiTextSource:
     end = min(max_rows, len(self.rows)) if max_rows else len(self.rows)
     for first in range((start or {"rows": 0})["rows"], end, LINES_PER_PIECE):
       last = min(first + LINES_PER_PIECE, end)
-      yield Piece("".join(self.rows[first:last]["text"]), last - first, last == end,
+      yield Piece("".join(self.rows[first:last]["text"]), last == end,
                   lambda r=last: {"rows": r})
 
 
@@ -359,7 +369,7 @@ class HubSource:
       return
     for row in self.rows:
       total += 1
-      yield Piece(row[self.text_column] or "", 1, True,
+      yield Piece(row[self.text_column] or "", True,
                   lambda t=total: {"rows": t, "state": self.rows.state_dict()})
       if max_rows and total >= max_rows:
         return

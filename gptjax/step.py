@@ -74,7 +74,7 @@ def train_loss(model, params, inputs_BT, targets_BT, *, rng=None):
   """The training loss, the mean next-token cross-entropy: with the plan's loss_kernel the tied
   output head and the loss as head_loss, else optax's of the model's logits."""
   if not model.config.loss_kernel:
-    return jnp.mean(cross_entropy(logits(model, params, inputs_BT, rng=rng), targets_BT))
+    return jnp.mean(token_losses(model, params, inputs_BT, targets_BT, rng=rng))
   x_BTD, w_VD = model.apply({"params": params}, inputs_BT, deterministic=rng is None,
                              rngs=None if rng is None else {"dropout": rng}, head=False)
   return head_loss(x_BTD.reshape(-1, x_BTD.shape[-1]), w_VD, targets_BT.reshape(-1))

@@ -30,7 +30,7 @@ INVOCATION_FIELDS = ("resume", "checkpoint_file", "yes", "allow_data_change", "o
                      "coordinator_address", "num_processes", "process_id", "mesh_data",
                      "mesh_fsdp", "shard_optimizer", "tokenizer_threads")
 # What chooses the text a run trains on: other values on resume need --allow_data_change.
-DATA_FIELDS = ("dataset", "text_column", "hf_splits", "held_out_fraction")
+DATA_FIELDS = ("dataset",) + config_lib.SOURCE_FIELDS
 # What a resumed run may be given anew (logged): its length, how it reports, snapshots and runs.
 # Every other field is the run's identity: given with another value than the snapshot's, an error.
 CHANGEABLE_ON_RESUME = (
@@ -234,7 +234,7 @@ class StepReader:
     self.progress.epoch_loss = [0.0, 0]
     return total / max(n, 1)
 
-  def __call__(self, step: int, metrics: dict, epoch: int) -> None:
+  def __call__(self, step: int, metrics: dict) -> None:
     config, report = self.config, self.report
     loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
     if finite:
@@ -260,7 +260,7 @@ class StepReader:
       report.info(f"[weights step {step + 1}] {line}")
       scalars.update(s)
     if step % config.log_interval == 0 or step == self.total_steps - 1:
-      scalars.update(self._log_line(step, epoch, float(loss), metrics))
+      scalars.update(self._log_line(step, self.progress.epoch, float(loss), metrics))
     report.scalars(step, scalars)
 
   def _log_line(self, step: int, epoch: int, loss: float, metrics: dict) -> dict:
@@ -586,20 +586,20 @@ class _Run:
       self.state, metrics = self.train_step(self.state, batch, self.rng)
       self.snapshots.check()  # a save that failed in the background stops the run now
       if pending:
-        reader(*pending, progress.epoch)
+        reader(*pending)
       pending = (step, metrics)
       progress.index += 1
       report.progress()
       at_interval = config.snapshot_interval and (step + 1) % config.snapshot_interval == 0
       if self.stop.signum or (at_interval and progress.index < steps_per_epoch):
-        reader(*pending, progress.epoch)
+        reader(*pending)
         pending = None
         self.snapshot()
         if self.stop.signum:
           stopped = True
           break
     if pending:
-      reader(*pending, progress.epoch)
+      reader(*pending)
     report.end_epoch()
     return not stopped
 

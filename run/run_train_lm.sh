@@ -68,8 +68,9 @@ sets the field: the launcher passes on only the options you type.
 Options:
   --preset PRESET             model preset: tiny | small | medium
                               (default: none, the trainer's manual configuration)
-  --dataset DATASET           wikitext (WikiText-2) | wikitext-103 | a folder holding
-                              train.txt, valid.txt, test.txt
+  --dataset DATASET           wikitext (WikiText-2) | wikitext-103 | hf:NAME[:CONFIG] (a hub
+                              dataset with a text column) | a folder of .txt, .jsonl or
+                              .parquet files per split (train.txt, valid.txt, test.txt, ...)
                               (default: the preset's, else the trainer's $(default_of dataset))
   --epochs N                  passes over the training data, positive integer
                               (default: the trainer's $(default_of epochs))
