@@ -355,6 +355,8 @@ _BLOCK_PARTS = {"ln1": "LayerNorm", "ln2": "LayerNorm", "attn": "attention", "ml
 # gptjax.kernels' Pallas kernels: their GPU kernels carry the pallas_call's name, not an HLO one
 # (with a suffix __1, __2, ... where one name is compiled several times).
 _KERNEL_PARTS = {"logsumexp_rows": "loss forward",
+                 "layer_norm_fwd": "LayerNorm forward", "layer_norm_bwd": "LayerNorm backward",
+                 "bias_gelu_grad": "MLP backward",
                  "softmax_cross_entropy_deferred": "loss (forward and backward)"}
 
 

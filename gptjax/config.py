@@ -23,7 +23,8 @@ TOKENIZERS = {"gpt2": "gpt2", "gpt4": "cl100k_base", "gpt4o": "o200k_base"}
 ARCH_FIELDS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len", "layer_norm_epsilon",
                "tokenizer")
 # The execution plan's switches (gptjax/plan.py resolves them), each auto | on | off.
-PLAN_SWITCHES = ("fused_block", "loss_kernel", "xla_gpu_epilogues", "xla_overlap_collectives")
+PLAN_SWITCHES = ("fused_block", "block_kernels", "loss_kernel", "xla_gpu_epilogues",
+                 "xla_overlap_collectives")
 TOKENIZER_VOCAB = {"gpt2": 50257, "gpt4": 100277, "gpt4o": 200019}  # n_vocab, for offline counts
 
 # name -> (default, help). Order is the order of --help.
@@ -64,6 +65,10 @@ FIELDS = {
     "fused_block": ("auto", "the block's fused form (rows layout, q/k/v as three matmuls with k's "
                     "bias dropped and v's moved into the output projection, GELU recomputed "
                     "backward): auto (on GPUs) | on | off (the plain GPT-2 block)"),
+    "block_kernels": ("auto", "the fused block's Pallas kernels: LayerNorm forward and backward "
+                      "(the residual gradient added in the kernel) and the MLP's GELU backward "
+                      "with its bias gradient, per shard on any mesh; needs fused_block: auto "
+                      "(on GPUs) | on | off"),
     "loss_kernel": ("auto", "Pallas loss kernels (training: the output head's one-pass softmax; "
                     "evaluation: logsumexp), per shard on any mesh: auto (on GPUs) | on | off "
                     "(optax's cross-entropy)"),

@@ -216,9 +216,10 @@ DEVICES AND MACHINES
 EXECUTION PLAN
   How the step runs is part of the config, resolved once at start, logged ("Plan: ...") and
   stored in model.json: --compute_dtype, --attention and the switches --fused_block,
-  --loss_kernel, --xla_gpu_epilogues and --xla_overlap_collectives (each auto | on | off). auto:
-  on GPUs the fused block, the Pallas loss kernels (on any mesh: each device runs them on its
-  rows) and XLA's cuBLASLt epilogues (bias, residual add and GELU fused into the matmuls); with
+  --block_kernels, --loss_kernel, --xla_gpu_epilogues and --xla_overlap_collectives (each auto |
+  on | off). auto: on GPUs the fused block with its Pallas LayerNorm and GELU-backward kernels,
+  the Pallas loss kernels (all on any mesh: each device runs them on its rows) and XLA's cuBLASLt
+  epilogues (bias, residual add and GELU fused into the matmuls); with
   two or more GPUs also XLA's latency-hiding scheduler and combined collectives. Elsewhere the
   plain GPT-2 block and optax's loss. The XLA options go to the compiled programs themselves (not
   XLA_FLAGS), so Python callers and the CLI build the same program. Any switch set off is the

@@ -32,7 +32,7 @@ from gptjax.config import ConfigError
 from gptjax.model import ModelConfig, padded_vocab_size
 
 DEFAULT_EPSILON = ModelConfig.layer_norm_epsilon  # a model recorded before the field: flax's
-# The tanh approximation of GELU (model.gelu_tanh) under transformers' names.
+# The tanh approximation of GELU (kernels.gelu_tanh) under transformers' names.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # tiktoken's end-of-text ids.
 END_OF_TEXT = {"gpt2": 50256, "gpt4": 100257, "gpt4o": 199999}

@@ -7,7 +7,7 @@ the caller asks for another dtype (the training loss takes them in the compute d
 
 Two forms of the block compute the same function with the same parameters: `Block`, GPT-2's
 block as a reader expects it, and `FusedBlock`, arranged for the GPU (rows layout, q/k/v as three
-matmuls, biases moved where softmax makes them exact, GELU recomputed backward).
+matmuls, biases moved where softmax makes them exact, GELU recomputed backward, Pallas kernels).
 The config's execution plan (gptjax.plan, resolved once per run) chooses; nothing here reads the
 backend, the device count or the environment. Nothing here knows about training.
 """
@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ModelConfig:
   layer_norm_epsilon: float = 1e-6  # flax's; GPT-2's checkpoints use 1e-5
   # How it computes (gptjax.plan), not what: every combination is the same function.
   fused_block: bool = False    # FusedBlock, else Block
+  block_kernels: bool = False  # FusedBlock's LayerNorms (and the final one) and GELU backward
+                               # as Pallas kernels
   loss_kernel: bool = False    # the loss as Pallas kernels (gptjax.step)
   gelu_epilogue: bool = False  # FusedBlock's GELU in the compute dtype, as cuBLASLt fuses it
 
@@ -124,21 +127,6 @@ class Block(nn.Module):
 
 # ---- The fused block: the same function and parameters, arranged for the GPU. ----------------
 
-GELU_C = 0.7978845608028654   # sqrt(2 / pi)
-
-
-def gelu_tanh(x):
-  """The tanh-approximated GELU (jax.nn.gelu(x, approximate=True)) in x's dtype, written exactly
-  as XLA's cuBLAS rewriter matches it for the matmul's GELU epilogue (see gelu)."""
-  return x * (0.5 * (1.0 + jnp.tanh(GELU_C * (x + 0.044715 * (x * (x * x))))))
-
-
-def gelu_tanh_grad(x):
-  """d/dx of gelu_tanh, for float32 x."""
-  t = jnp.tanh(GELU_C * (x + 0.044715 * x * x * x))
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x)
-
-
 def _gelu_form(x, epilogue: bool):
   """jax.nn.gelu(x, approximate=True) in x's dtype. With `epilogue` (the plan's
   xla_gpu_epilogues) it is written in x's dtype and in exactly the form XLA's cuBLAS rewriter
@@ -146,8 +134,8 @@ def _gelu_form(x, epilogue: bool):
   BIAS_GELU_AUX epilogue, computed in float32 on the accumulator. Without one it runs in float32
   (in bf16 element by element it would lose precision)."""
   if epilogue:
-    return gelu_tanh(x)
-  return gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
+    return kernels.gelu_tanh(x)
+  return kernels.gelu_tanh(x.astype(jnp.float32)).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -165,10 +153,33 @@ def _gelu_fwd(x, epilogue):
 def _gelu_bwd(epilogue, x, dy):
   del epilogue
   xf = jax.lax.optimization_barrier(x).astype(jnp.float32)  # recompute, don't share with fwd
-  return ((dy.astype(jnp.float32) * gelu_tanh_grad(xf)).astype(x.dtype),)
+  return ((dy.astype(jnp.float32) * kernels.gelu_tanh_grad(xf)).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bias_gelu(h, bias, epilogue: bool):
+  """gelu(h + bias), whose backward pass is gptjax.kernels.bias_gelu_grad's Pallas kernel: d(h)
+  and d(bias) in one pass over the saved pre-activation h + bias (which the matmul's GELU epilogue
+  writes anyway) and d(y)."""
+  return _bias_gelu_fwd(h, bias, epilogue)[0]
+
+
+def _bias_gelu_fwd(h, bias, epilogue):
+  x = h + bias
+  return _gelu_form(x, epilogue), (x, bias)
+
+
+def _bias_gelu_bwd(epilogue, saved, dy):
+  del epilogue
+  x, bias = saved
+  dx, dbias = kernels.bias_gelu_grad(x, dy)
+  return dx, dbias.astype(bias.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 class _Dense(nn.Dense):
@@ -204,13 +215,41 @@ class DenseGELU(_Dense):
   matmul's output is the GELU's direct operand, as cuBLASLt's epilogue fusion needs (gelu);
   through a reshape XLA would fuse no GELU, or compute the matmul twice."""
   epilogue: bool = False
+  kernel: bool = False   # the backward pass as bias_gelu's Pallas kernel
 
   @nn.compact
   def __call__(self, x_NK):
     x_NK, kernel, bias = self.promoted(x_NK)
+    h_NF = x_NK @ kernel
+    if self.kernel:
+      return bias_gelu(h_NF, bias, self.epilogue)
     # The bias add's own autodiff: XLA fuses its gradient into gelu's backward pass (reduced
     # inside a custom VJP, XLA made it a separate, slower pass: bench/HISTORY.md).
-    return gelu(x_NK @ kernel + bias, self.epilogue)
+    return gelu(h_NF + bias, self.epilogue)
+
+
+class LayerNorm(nn.LayerNorm):
+  """flax.linen.LayerNorm (its parameters and options), or, with `kernel`, gptjax.kernels' Pallas
+  kernels.
+
+  With `residual=True` it returns (x, LayerNorm(x)), and the caller continues the residual stream
+  from that x: the kernels' backward pass then adds the stream's gradient into d(x) as it writes
+  it, instead of XLA adding it in another pass over the activations.
+  """
+  kernel: bool = False
+
+  @nn.compact
+  def __call__(self, x, residual: bool = False):
+    if not self.kernel:
+      y = super().__call__(x)
+      return (x, y) if residual else y
+    features = (x.shape[-1],)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    out = kernels.layer_norm(x, scale, bias, self.epsilon, residual)
+    x, y = out if residual else (x, out)
+    y = y.astype(self.dtype or x.dtype)
+    return (x, y) if residual else y
 
 
 @jax.custom_vjp
@@ -296,7 +335,7 @@ class FusedMLP(nn.Module):
   def __call__(self, x_ND, *, deterministic: bool):
     cfg = self.config
     h_NF = DenseGELU(cfg.d_ff, dtype=cfg.dtype, kernel_init=_init(0.02), name="fc",
-                     epilogue=cfg.gelu_epilogue)(x_ND)
+                     epilogue=cfg.gelu_epilogue, kernel=cfg.block_kernels)(x_ND)
     y_ND = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="proj",
                     kernel_init=_residual_init(cfg))(h_NF)
     return nn.Dropout(cfg.dropout)(y_ND, deterministic=deterministic)
@@ -324,12 +363,13 @@ class FusedBlock(nn.Module):
     cfg = self.config
     check_fused(cfg)
     B, T, D = x_BTD.shape
-    ln = functools.partial(nn.LayerNorm, cfg.layer_norm_epsilon, dtype=cfg.dtype)
-    x_ND = x_BTD.reshape(B * T, D)
+    ln = functools.partial(LayerNorm, cfg.layer_norm_epsilon, dtype=cfg.dtype,
+                           kernel=cfg.block_kernels)
+    x_ND, h_ND = ln(name="ln1")(x_BTD.reshape(B * T, D), residual=True)
     x_ND = x_ND + FusedAttention(cfg, name="attn")(
-        ln(name="ln1")(x_ND).reshape(B, T, D), deterministic=deterministic,
-        cache_index=cache_index)
-    x_ND = x_ND + FusedMLP(cfg, name="mlp")(ln(name="ln2")(x_ND), deterministic=deterministic)
+        h_ND.reshape(B, T, D), deterministic=deterministic, cache_index=cache_index)
+    x_ND, h_ND = ln(name="ln2")(x_ND, residual=True)
+    x_ND = x_ND + FusedMLP(cfg, name="mlp")(h_ND, deterministic=deterministic)
     return x_ND.reshape(B, T, D)
 
 
@@ -360,7 +400,8 @@ class GPT(nn.Module):
     block = nn.remat(block, static_argnums=(2,)) if cfg.remat and not decode else block
     for i in range(cfg.num_layers):
       x_BTD = block(cfg, name=f"block_{i}")(x_BTD, deterministic, cache_index)
-    x_BTD = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, name="ln_f")(x_BTD)
+    x_BTD = LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, kernel=cfg.block_kernels,
+                      name="ln_f")(x_BTD)
     # Tied output head: the matmul runs in the compute dtype, the logits leave in `logits_dtype`.
     w_VD = wte.embedding.astype(cfg.dtype)
     if not head:

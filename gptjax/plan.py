@@ -9,9 +9,11 @@ CLI, from Python and in the benchmark, whatever XLA_FLAGS or the device count sa
 What `auto` chooses, and why:
 - compute_dtype: bfloat16 on accelerators, float32 on the CPU.
 - attention: cuDNN's flash attention on a GPU with a 16-bit compute dtype, else XLA's.
-- fused_block, loss_kernel: on GPUs, on any mesh (the loss's row-wise Pallas kernels run per
-  shard under shard_map). Elsewhere the plain GPT-2 block and optax's loss: the kernels are Triton
-  kernels (on the CPU Pallas can only interpret them, slowly).
+- fused_block, block_kernels, loss_kernel: on GPUs, on any mesh (the row-wise Pallas kernels run
+  per shard under shard_map). Elsewhere the plain GPT-2 block and optax's loss: the kernels are
+  Triton kernels (on the CPU Pallas can only interpret them, slowly). block_kernels is one path,
+  the LayerNorm and GELU-backward kernels together: they share the row-wise machinery and were
+  measured on and off together (bench/RESULTS.md).
 - xla_gpu_epilogues: on GPUs. XLA fuses epilogues only in its cuBLAS(Lt) rewriter; matmuls that go
   through the Triton GEMM autotuner come back without them. The fused block writes its GELU in
   the form the rewriter matches (gptjax.model.gelu).
@@ -62,6 +64,7 @@ class Plan:
   compute_dtype: str
   attention: str
   fused_block: bool
+  block_kernels: bool
   loss_kernel: bool
   xla_gpu_epilogues: bool
   xla_overlap_collectives: bool
@@ -80,7 +83,7 @@ class Plan:
   def describe(self) -> str:
     """One line for the run header: every choice, `on`/`off` for the switches."""
     words = [f"{f} {'on' if getattr(self, f) else 'off'}" for f in PLAN_SWITCHES]
-    interpreted = self.backend != "gpu" and self.loss_kernel
+    interpreted = self.backend != "gpu" and (self.block_kernels or self.loss_kernel)
     return (f"Plan: compute {self.compute_dtype}, attention {self.attention}, " + ", ".join(words)
             + (" (Pallas kernels in the interpreter: slow)" if interpreted else ""))
 
@@ -105,10 +108,15 @@ def resolve(config, backend: str, n_devices: int) -> Plan:
       raise ConfigError(f"{field}: {value!r} is not allowed; allowed: auto, on, off")
     return auto if value == "auto" else value == "on"
 
-  plan = Plan(backend=backend, compute_dtype=dtype, attention=attention,
-              fused_block=switch("fused_block", gpu), loss_kernel=switch("loss_kernel", gpu),
+  fused = switch("fused_block", gpu)
+  plan = Plan(backend=backend, compute_dtype=dtype, attention=attention, fused_block=fused,
+              block_kernels=switch("block_kernels", gpu and fused),
+              loss_kernel=switch("loss_kernel", gpu),
               xla_gpu_epilogues=switch("xla_gpu_epilogues", gpu),
               xla_overlap_collectives=switch("xla_overlap_collectives", gpu and n_devices > 1))
+  if plan.block_kernels and not fused:
+    raise ConfigError("block_kernels: on needs fused_block on (the plain block uses flax's layers "
+                      "only); allowed with fused_block off: auto, off")
   for field in ("xla_gpu_epilogues", "xla_overlap_collectives"):
     if getattr(plan, field) and not gpu:
       raise ConfigError(f"{field}: on applies to GPUs only (backend {backend}); allowed here: "
@@ -128,7 +136,8 @@ def model_config(config, n_vocab: int, plan: Plan) -> ModelConfig:
 def model_fields(plan: Plan) -> dict:
   """ModelConfig's fields that the plan decides."""
   return dict(dtype=jnp.dtype(plan.compute_dtype), attention=plan.attention,
-              fused_block=plan.fused_block, loss_kernel=plan.loss_kernel,
+              fused_block=plan.fused_block, block_kernels=plan.block_kernels,
+              loss_kernel=plan.loss_kernel,
               gelu_epilogue=plan.xla_gpu_epilogues)
 
 

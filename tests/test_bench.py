@@ -190,8 +190,9 @@ def test_bad_input_exits_2(bad, capsys):
 
 def test_part_of_a_gpu_kernel():
   assert bench.kernel_part("logsumexp_rows") == "loss forward"
+  assert bench.kernel_part("layer_norm_bwd__2") == "LayerNorm backward"   # compiled twice
+  assert bench.kernel_part("bias_gelu_grad") == "MLP backward"
   assert bench.kernel_part("softmax_cross_entropy_deferred") == "loss (forward and backward)"
-  assert bench.kernel_part("logsumexp_rows__2") == "loss forward"   # a name compiled twice
   assert bench.kernel_part("input_reduce_fusion_3",
                            "jit(train_step)/transpose(jvp(GPT))/ln_f/mul") == "LayerNorm backward"
   assert bench.kernel_part("nvjet_sm90_tst_128x128_64x6") == "matmul (not attributed)"
@@ -266,6 +267,18 @@ def _bench_script(name):
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   return script
+
+
+def test_block_kernel_benchmark_script_agrees_with_xla():
+  script = _bench_script("block_kernels")
+  results = script.main(["--rows", "40", "--d", "48", "--ff", "96", "--calls", "1"])
+  passes = ("LayerNorm forward", "LayerNorm backward", "GELU backward")
+  assert {name.split(",")[0] for name in results} == set(passes)
+  for name in passes:
+    pallas = [err for label, (_, err) in results.items() if label.startswith(name + ", Pallas")]
+    # bf16 results (the bias gradient summed from bf16 in XLA, from float32 in the kernel):
+    # within a few of their rounding steps, relative to the largest value
+    assert len(pallas) == 1 and pallas[0] < 0.02
 
 
 def test_loss_kernel_benchmark_script_agrees_with_xla():

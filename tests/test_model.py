@@ -38,6 +38,25 @@ def test_gelu_and_its_gradient_match_jax():
   assert jax.grad(lambda h: jnp.sum(gelu(h, False)))(h).dtype == jnp.bfloat16
 
 
+def test_bias_gelu_and_its_gradients_match_jax(monkeypatch):
+  # Its backward pass is gptjax.kernels' Pallas kernel (here in Pallas' interpreter):
+  # 7 row blocks of 2 rows, 3 column blocks of 32, the last ones partial.
+  monkeypatch.setattr(kernels, "GELU_BLOCKS", (2, 2, 4, 1, 32))
+  h = 4 * jax.random.normal(jax.random.key(0), (13, 80))
+  b = jax.random.normal(jax.random.key(2), (80,))
+  w = jax.random.normal(jax.random.key(1), h.shape)
+  ref = lambda h, b: jnp.sum(jax.nn.gelu(h + b, approximate=True) * w)
+  ours = lambda h, b: jnp.sum(model_lib.bias_gelu(h, b, False) * w)
+  np.testing.assert_allclose(model_lib.bias_gelu(h, b, False), jax.nn.gelu(h + b, approximate=True),
+                             atol=1e-6)
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5),
+               jax.grad(ours, (0, 1))(h, b), jax.grad(ref, (0, 1))(h, b))
+  hb, bb = h.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  grads = jax.grad(lambda h, b: jnp.sum(model_lib.bias_gelu(h, b, False)), (0, 1))(hb, bb)
+  assert model_lib.bias_gelu(hb, bb, False).dtype == jnp.bfloat16
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
 def _expression(fn, x):
   """fn's jaxpr on x as one nested expression, e.g. mul(x, add(1.0, x))."""
   jaxpr = jax.make_jaxpr(fn)(x).jaxpr
@@ -56,9 +75,9 @@ def test_gelu_on_gpu_is_the_form_xla_fuses_into_the_matmul():
   # matmul's output into its GELU epilogue only in this shape and in the matmul's own dtype: a
   # convert to float32 or another grouping of the products leaves a separate pass over memory.
   x = jnp.ones((4, 8), jnp.bfloat16)
-  assert _expression(model_lib.gelu_tanh, x) == (
+  assert _expression(kernels.gelu_tanh, x) == (
       "mul(x, mul(0.5, add(1, tanh(mul(0.797, add(x, mul(0.0447, mul(x, mul(x, x)))))))))")
-  assert model_lib.gelu_tanh(x).dtype == jnp.bfloat16
+  assert kernels.gelu_tanh(x).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("epilogue", [True, False])
@@ -127,8 +146,12 @@ def _moved(params):
                             for i, p in enumerate(leaves)])
 
 
-# The fused block in XLA alone, and with the loss's Pallas kernel (in Pallas' interpreter here).
-FUSED_FORMS = {"xla": {}, "loss_kernel": dict(loss_kernel=True)}
+# The fused block with each of its paths: the plain XLA form, and the Pallas kernels (in Pallas'
+# interpreter here) of the block (LayerNorm, the GELU backward) and of the loss, each alone and
+# both together.
+FUSED_FORMS = {"xla": {}, "block_kernels": dict(block_kernels=True),
+               "loss_kernel": dict(loss_kernel=True),
+               "all_kernels": dict(block_kernels=True, loss_kernel=True)}
 
 
 @pytest.mark.parametrize("form", list(FUSED_FORMS))
@@ -169,7 +192,7 @@ def test_fused_block_matches_the_reference_block(form, monkeypatch):
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_fused_block_in_bfloat16_and_with_remat_matches_the_reference(remat, monkeypatch):
-  # With the loss kernel, its rows of 256 logits in 4 blocks.
+  # With every kernel; the loss kernel's rows of 256 logits in 4 blocks.
   monkeypatch.setattr(kernels, "DEFER_BLOCK", 64)
   config = dataclasses.replace(SMALL, dtype=jnp.bfloat16, remat=remat)
   tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
@@ -181,13 +204,51 @@ def test_fused_block_in_bfloat16_and_with_remat_matches_the_reference(remat, mon
 
   (ref_loss, ref_grads) = loss_and_grads(config)
   (loss, grads) = loss_and_grads(dataclasses.replace(config, fused_block=True, **FUSED_FORMS[
-      "loss_kernel"]))
+      "all_kernels"]))
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)
   for path, a in jax.tree_util.tree_leaves_with_path(grads):   # bf16 rounds differently
     b = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
     if "qkv" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
       a, b = a.at[32:64].set(0), b.at[32:64].set(0)   # k's bias: 0 in the fused block
     assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(b)) + 1e-6
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "final"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pallas", [False, True], ids=["xla", "pallas"])
+def test_layer_norm_and_its_gradients_match_flax(dtype, pallas, residual, monkeypatch):
+  # With the plan's block_kernels the fused block's LayerNorm runs gptjax.kernels' Pallas
+  # kernels; here they run in Pallas' interpreter. 4 rows per block, 2 per program: 21 rows make 3
+  # programs, the last one partial; rows of 48 in blocks of 64 columns. `residual`: as in a block,
+  # where the residual stream continues from the x LayerNorm hands back (its gradient added in
+  # the kernel); else as ln_f.
+  monkeypatch.setattr(kernels, "LN_FWD_BLOCKS", (4, 2, 4, 1))
+  monkeypatch.setattr(kernels, "LN_BWD_BLOCKS", (4, 2, 4, 1))
+  k = jax.random.split(jax.random.key(0), 5)
+  x = (3 * jax.random.normal(k[0], (3, 7, 48)) + 1).astype(dtype)
+  params = {"scale": 1 + jax.random.normal(k[1], (48,)), "bias": jax.random.normal(k[2], (48,))}
+  w_y, w_x = jax.random.normal(k[3], x.shape), jax.random.normal(k[4], x.shape)
+  stream = lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32)) * w_x)
+  ln = model_lib.LayerNorm(dtype=dtype, kernel=pallas)
+
+  def ours(x, params):
+    out = ln.apply({"params": params}, x, residual=residual)
+    x_out, y = out if residual else (x, out)
+    return jnp.sum(y.astype(jnp.float32) * w_y) + stream(x_out)
+
+  def flax_ln(x, params):
+    y = nn.LayerNorm(dtype=dtype).apply({"params": params}, x)
+    return jnp.sum(y.astype(jnp.float32) * w_y) + stream(x)
+
+  y = ln.apply({"params": params}, x)
+  assert y.dtype == dtype
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=0.02, atol=0.02)
+  np.testing.assert_allclose(y.astype(np.float32), nn.LayerNorm(dtype=dtype).apply(
+      {"params": params}, x).astype(np.float32), **tol)
+  ours_grads, flax_grads = jax.grad(ours, (0, 1))(x, params), jax.grad(flax_ln, (0, 1))(x, params)
+  assert ours_grads[0].dtype == dtype
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a.astype(np.float32), b.astype(np.float32), **tol), ours_grads, flax_grads)
 
 
 def test_output_shape_and_dtype():
@@ -266,13 +327,26 @@ def test_gpu_kernels_lower_to_triton_for_cuda(monkeypatch):
   # interpreter accepts but its Triton lowering does not (block shapes, unsupported operations).
   monkeypatch.setattr(kernels, "_interpret", lambda: False)
   S = jax.ShapeDtypeStruct
+  x, v = S((32, 1024, 768), jnp.bfloat16), S((768,), jnp.float32)
+  h, b = S((32768, 3072), jnp.bfloat16), S((3072,), jnp.bfloat16)
   logits, targets = S((32, 1024, 50304), jnp.bfloat16), S((32, 1024), jnp.int32)
+
+  def ln_grads(x, scale, bias, residual):
+    def f(x, scale, bias):
+      out = kernels.layer_norm(x, scale, bias, 1e-6, residual)
+      x_out, y = out if residual else (x, out)
+      return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(x_out.astype(jnp.float32))
+    return jax.grad(f, (0, 1, 2))(x, scale, bias)
 
   def triton_calls(f, *args):
     exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     return exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton")
 
+  assert triton_calls(lambda x, s, b: ln_grads(x, s, b, True), x, v, v) == 2   # forward, backward
+  assert triton_calls(lambda x, s, b: ln_grads(x, s, b, False), x, v, v) == 2
+  assert triton_calls(lambda h, b, d: jax.vjp(
+      lambda h, b: model_lib.bias_gelu(h, b, True), h, b)[1](d), h, b, h) == 1
   x_ND, w_VD, targets_N = S((32768, 768), jnp.bfloat16), S((50304, 768), jnp.bfloat16), S(
       (32768,), jnp.int32)
   assert triton_calls(jax.value_and_grad(step.head_loss, (0, 1)), x_ND, w_VD, targets_N) == 1

@@ -9,7 +9,7 @@ import pytest
 from gptjax import cli, plan, trainer
 from gptjax.config import ConfigError, base_config
 
-ALL_ON = dict(fused_block=True, loss_kernel=True, xla_gpu_epilogues=True)
+ALL_ON = dict(fused_block=True, block_kernels=True, loss_kernel=True, xla_gpu_epilogues=True)
 
 
 def _resolve(backend, n_devices, **fields):
@@ -23,8 +23,7 @@ def _resolve(backend, n_devices, **fields):
     ("cpu", 4, dict(compute_dtype="float32", attention="xla")),
     ("tpu", 8, dict(compute_dtype="bfloat16", attention="xla")),
     ("gpu", 1, dict(compute_dtype="bfloat16", attention="cudnn", **ALL_ON)),
-    # Several GPUs keep the fused paths (the loss kernel runs per shard) and overlap the
-    # collectives.
+    # Several GPUs keep every kernel (they run per shard) and overlap the collectives.
     ("gpu", 4, dict(compute_dtype="bfloat16", attention="cudnn", **ALL_ON,
                     xla_overlap_collectives=True)),
 ])
@@ -41,17 +40,22 @@ def test_every_switch_turns_its_path_off_on_a_gpu():
     got = _resolve("gpu", 2, **{field: "off"})
     assert getattr(got, field) is False, field
     others = {f for f in plan.PLAN_SWITCHES if getattr(got, f)}
-    assert others == set(plan.PLAN_SWITCHES) - {field}, field   # nothing else changes
+    # The fused block's kernels go with it; nothing else changes.
+    expect = set(plan.PLAN_SWITCHES) - {field} - (
+        {"block_kernels"} if field == "fused_block" else set())
+    assert others == expect, field
 
 
 def test_kernels_can_be_asked_for_on_the_cpu_and_say_so():
-  got = _resolve("cpu", 1, fused_block="on", loss_kernel="on")
-  assert got.fused_block and got.loss_kernel
+  got = _resolve("cpu", 1, fused_block="on", block_kernels="on")
+  assert got.fused_block and got.block_kernels and not got.loss_kernel
   assert got.describe().endswith("(Pallas kernels in the interpreter: slow)")
   assert got.compiler_options() == {}
 
 
 @pytest.mark.parametrize("fields,message", [
+    (dict(fused_block="off", block_kernels="on"), "block_kernels: on needs fused_block on"),
+    (dict(block_kernels="on"), "block_kernels: on needs fused_block on"),   # auto: off on a CPU
     (dict(xla_gpu_epilogues="on"), "xla_gpu_epilogues: on applies to GPUs only (backend cpu)"),
     (dict(attention="cudnn"), "attention: cudnn needs an NVIDIA GPU and compute_dtype bfloat16"),
     (dict(loss_kernel="yes"), "loss_kernel: 'yes' is not allowed; allowed: auto, on, off"),
@@ -61,14 +65,16 @@ def test_impossible_plans_are_one_line_naming_the_field(fields, message):
     _resolve("cpu", 1, **fields)
 
 
-def test_check_only_refuses_a_switch_value_it_does_not_know(tmp_path, capsys):
+def test_check_only_refuses_a_kernel_without_the_fused_block(tmp_path, capsys):
   from gptjax import train
   from gptjax.config import SAMPLE_DIR
   with pytest.raises(SystemExit) as exit_:
     train.main(["train", "--dataset", SAMPLE_DIR, "--output_dir", str(tmp_path / "run"),
-                "--fused_block", "yes", "--check_only"])
+                "--fused_block", "off", "--block_kernels", "on", "--check_only"])
   assert exit_.value.code == 2
-  assert capsys.readouterr().err.strip().startswith("error: fused_block:")
+  assert capsys.readouterr().err.strip() == (
+      "error: block_kernels: on needs fused_block on (the plain block uses flax's layers only); "
+      "allowed with fused_block off: auto, off")
   assert not (tmp_path / "run").exists()
 
 
