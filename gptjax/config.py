@@ -180,17 +180,24 @@ def sequences_per_step(config) -> int:
   return config.batch_size * config.grad_accum_steps
 
 
+def check_dataset(dataset: str) -> None:
+  """ConfigError unless `dataset` names a hub dataset or an existing folder (what --dataset
+  allows, for training and for evaluating a saved model on other data)."""
+  hub_name = dataset[len(HF_PREFIX):].split(":")[0]
+  if not (dataset in HUB_DATASETS or dataset.startswith(HF_PREFIX) and bool(hub_name)
+          or os.path.isdir(dataset)):
+    raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, "
+                      "hf:NAME[:CONFIG], or an existing folder of .txt, .jsonl or .parquet files "
+                      f"per split, e.g. the sample shipped with gptjax, {SAMPLE_DIR}")
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the first bad field, its value and what is allowed."""
   def need(ok, field, allowed):
     if not ok:
       raise ConfigError(f"{field}: {getattr(config, field)!r} is not allowed; {allowed}")
 
-  hub_name = config.dataset[len(HF_PREFIX):].split(":")[0]
-  need(config.dataset in HUB_DATASETS or config.dataset.startswith(HF_PREFIX) and bool(hub_name)
-       or os.path.isdir(config.dataset), "dataset",
-       "use wikitext, wikitext-103, hf:NAME[:CONFIG], or an existing folder of .txt, .jsonl or "
-       f".parquet files per split, e.g. the sample shipped with gptjax, {SAMPLE_DIR}")
+  check_dataset(config.dataset)
   need(bool(config.text_column), "text_column", "name the column that holds the text")
   need(len(config.hf_splits.split(",")) == 3 and all(config.hf_splits.split(",")), "hf_splits",
        "three split names, comma-separated: train,valid,test (the hub's names)")

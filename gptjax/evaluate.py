@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptjax import checkpoint, cli, data, plan, sharding
-from gptjax.config import HF_PREFIX, HUB_DATASETS, ConfigError, dataset_name
+from gptjax.config import ConfigError, check_dataset, dataset_name
 
 SPLITS = ("test", "valid", "train")
 
@@ -81,10 +81,7 @@ def evaluate_model(model_path: str, dataset: str = "", split: str = "test", batc
   model_config, params, info = checkpoint.load_model(model_path)
   run = info.get("config", {})  # the run's config, of a final model or a snapshot
   dataset = dataset or info["dataset"]
-  if dataset not in HUB_DATASETS and not dataset.startswith(HF_PREFIX) and not os.path.isdir(dataset):
-    raise ConfigError(f"dataset: {dataset!r} is not allowed; use wikitext, wikitext-103, "
-                      "hf:NAME[:CONFIG], or an existing folder of .txt, .jsonl or .parquet files "
-                      "per split")
+  check_dataset(dataset)
   batch_size = batch_size or run.get("eval_batch_size") or run.get("batch_size") or _FALLBACK_BATCH
   # The train split as the run saw it (data applies max_samples to the train split only).
   tokens = data.load_tokens(dataset, split, info["tokenizer"], run.get("max_samples", 0),
